@@ -1,0 +1,188 @@
+"""The Phoenix wire protocol, version 1 (node-local and client-to-node traffic).
+
+Every message is one ZeroMQ multipart message::
+
+    [route_1, ..., route_k, b"", header, payload]
+
+- ``route_*``: ZeroMQ routing ids pushed by ROUTER sockets on the way (the
+  client's id at the node, the forwarding process's id at the worker...).
+  Never empty. A reply carries the same stack back.
+- ``b""``: the empty delimiter that ends the routing stack.
+- ``header``: a msgpack array, decoded by routers; it never includes the
+  payload, so a router forwards payload bytes without decoding them.
+- ``payload``: msgpack bytes, decoded only by the process that runs the agent
+  (or by the client, for a reply).
+
+Header layouts (msgpack arrays; a receiver ignores elements past the ones it
+knows, so later versions may append)::
+
+    request: [1, kind, corr_id, agent_id, action]
+             kind 1 = ASK (a reply follows), 2 = TELL (no reply),
+                  3 = HELLO (topology; agent_id and action are ""),
+                  4 = STATUS (node status; agent_id and action are "")
+    reply:   [1, 16, corr_id, status]      status 0 = ok, else an ErrorCode
+
+- ``corr_id``: unsigned int < 2**64 chosen by the sender; the reply echoes it.
+- ``agent_id``: ``"<Type>/<key>"``, UTF-8, at most 511 bytes (LMDB's key limit).
+- ``action``: a Python identifier of at most 128 characters.
+
+Payloads: a request's payload is a msgpack map of keyword arguments (str keys);
+an ok reply's payload is the action's result; an error reply's payload is a
+map ``{"code": int, "message": str, "agent": str, "action": str, "type": str}``
+(``type`` names the exception class raised by the action, for display only: the
+client rebuilds errors from ``code``, never from a class name). HELLO and
+STATUS replies are maps described in ``docs/protocol.md``.
+
+Limits: a message is at most 16 MiB (``MAXMSGSIZE`` on every socket); a header
+at most 4 KiB; msgpack ext types are refused; map keys must be str. A frame
+that breaks any rule gets an error reply with code BAD_REQUEST (when a reply is
+possible: an ASK whose header could be read) and is counted; it never crashes
+the receiver.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgpack
+
+from ._errors import ProtocolError
+
+__all__ = [
+    "ASK",
+    "HELLO",
+    "PROTOCOL_VERSION",
+    "REPLY",
+    "STATUS",
+    "TELL",
+    "ErrorCode",
+    "decode_header",
+    "decode_reply_header",
+    "encode_reply",
+    "encode_request",
+    "pack",
+    "split_envelope",
+    "unpack",
+]
+
+PROTOCOL_VERSION = 1
+ASK, TELL, HELLO, STATUS, REPLY = 1, 2, 3, 4, 16
+_REQUEST_KINDS = frozenset((ASK, TELL, HELLO, STATUS))
+MAX_HEADER = 4096
+MAX_AGENT_ID = 511
+MAX_ACTION = 128
+_U64 = 2**64
+
+
+class ErrorCode(enum.IntEnum):
+    """Error codes of error replies; the client maps each to one exception class."""
+
+    BAD_REQUEST = 1
+    UNKNOWN_AGENT_TYPE = 2
+    UNKNOWN_ACTION = 3
+    ACTION_FAILED = 4
+    UNAVAILABLE = 5
+    STORE_FAILED = 6
+    BAD_ARGUMENTS = 7
+    INTERNAL = 8
+    UNSUPPORTED_VERSION = 9
+    BAD_RESULT = 10
+
+
+_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack-encode a payload. Raises TypeError for values msgpack cannot carry."""
+    return _packer.pack(obj)
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack ext type {code} is not allowed")
+
+
+def unpack(frame: bytes) -> Any:
+    """Decode a payload; any malformed input raises ProtocolError(BAD_REQUEST)."""
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"malformed msgpack payload: {type(exc).__name__}") from None
+
+
+def encode_request(kind: int, corr_id: int, agent_id: str = "", action: str = "") -> bytes:
+    """A request header."""
+    return _packer.pack([PROTOCOL_VERSION, kind, corr_id, agent_id, action])
+
+
+def encode_reply(corr_id: int, status: int = 0) -> bytes:
+    """A reply header; ``status`` 0 means ok, else an :class:`ErrorCode`."""
+    return _packer.pack([PROTOCOL_VERSION, REPLY, corr_id, status])
+
+
+def split_envelope(frames: list[bytes]) -> tuple[list[bytes], bytes, bytes]:
+    """``(routing stack, header, payload)``; raises ProtocolError if malformed."""
+    n = len(frames)
+    if n < 3:
+        raise ProtocolError(f"message of {n} frames: expected [routes..., b'', header, payload]")
+    if frames[n - 3] != b"":
+        raise ProtocolError("missing the empty delimiter frame before header and payload")
+    return frames[: n - 3], frames[n - 2], frames[n - 1]
+
+
+def _header_array(frame: bytes) -> list[Any]:
+    if len(frame) > MAX_HEADER:
+        raise ProtocolError(f"header of {len(frame)} bytes exceeds {MAX_HEADER}")
+    header = unpack(frame)
+    if not isinstance(header, list) or len(header) < 4:
+        raise ProtocolError("header must be a msgpack array of at least 4 elements")
+    if header[0] != PROTOCOL_VERSION or isinstance(header[0], bool):
+        raise ProtocolError(
+            f"protocol version {header[0]!r} is not supported (this node speaks "
+            f"{PROTOCOL_VERSION})",
+            code=ErrorCode.UNSUPPORTED_VERSION,
+        )
+    corr = header[2]
+    if type(corr) is not int or not 0 <= corr < _U64:
+        raise ProtocolError("corr_id must be an unsigned 64-bit int")
+    return header
+
+
+def decode_header(frame: bytes) -> tuple[int, int, str, str]:
+    """Decode a request header into ``(kind, corr_id, agent_id, action)``."""
+    header = _header_array(frame)
+    if len(header) < 5:
+        raise ProtocolError("request header must be [version, kind, corr_id, agent_id, action]")
+    kind, corr, agent_id, action = header[1], header[2], header[3], header[4]
+    if kind not in _REQUEST_KINDS or isinstance(kind, bool):
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    if not isinstance(agent_id, str) or not isinstance(action, str):
+        raise ProtocolError("agent_id and action must be strings")
+    if kind in (ASK, TELL):
+        check_agent_id(agent_id)
+        if not action.isidentifier() or len(action) > MAX_ACTION:
+            raise ProtocolError(f"action {action[:40]!r} is not an identifier of <= 128 chars")
+    return kind, corr, agent_id, action
+
+
+def decode_reply_header(frame: bytes) -> tuple[int, int]:
+    """Decode a reply header into ``(corr_id, status)``."""
+    header = _header_array(frame)
+    if header[1] != REPLY:
+        raise ProtocolError(f"expected a reply header, got kind {header[1]!r}")
+    status = header[3]
+    if type(status) is not int:
+        raise ProtocolError("reply status must be an int")
+    return header[2], status
+
+
+def check_agent_id(agent_id: str) -> str:
+    """Validate ``"<Type>/<key>"``: raise ProtocolError(BAD_REQUEST) if malformed."""
+    type_name, slash, key = agent_id.partition("/")
+    if not slash or not type_name or not key:
+        raise ProtocolError(f"agent id {agent_id[:60]!r} is not of the form '<Type>/<key>'")
+    if len(agent_id.encode()) > MAX_AGENT_ID:
+        raise ProtocolError(f"agent id longer than {MAX_AGENT_ID} bytes")
+    return agent_id
