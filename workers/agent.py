@@ -1,0 +1,222 @@
+"""The plugin API: ``Agent``, ``@action`` and the lifecycle hooks.
+
+An agent type is a subclass of :class:`Agent` that declares its state as CRDT
+fields and its behaviour as ``@action`` methods::
+
+    class Counter(Agent):
+        count = PNCounter()
+
+        @action
+        def inc(self, n: int = 1) -> int:
+            self.count.increment(self.replica, n)
+            return self.count.value
+
+Each agent instance (one per id ``"<Type>/<key>"``) gets its own state values;
+the class attributes are only templates. Agents are *virtual*: the worker that
+owns an id activates it on the first message (state loaded from LMDB), and
+passivates it after ``idle_timeout`` seconds without messages (state stays in
+LMDB). Every state change made by the actions of one batch of messages is
+committed in one LMDB transaction before any reply of that batch is sent: a
+reply means the change is durable.
+
+Rules for actions: plain ``def`` methods (not ``async``), arguments passed by
+keyword (no ``*args``, no positional-only parameters, no names starting with
+``_`` or reserved by the client API: ``timeout``, ``delivery``), arguments and
+results are plain msgpack data (None, bool, int, float, str, bytes, lists,
+str-keyed dicts). An action must not block the worker for long: the worker's
+loop serves thousands of agents, and the supervisor replaces a worker whose
+loop stops sending heartbeats.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from phoenix_node.state import CRDT, AgentState, StateError, StateSchema
+
+from ._errors import PluginError
+
+if TYPE_CHECKING:
+    from .host import AgentContext
+
+__all__ = ["RESERVED_ARGUMENTS", "Agent", "action", "validate_agent_class"]
+
+RESERVED_ARGUMENTS = frozenset({"timeout", "delivery"})
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def action(fn: F) -> F:
+    """Mark a method of an :class:`Agent` subclass as callable by messages."""
+    if not callable(fn):
+        raise PluginError(f"@action applies to a method, not {fn!r}")
+    fn.__phoenix_action__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+class _StateField:
+    """Class attribute standing for a declared CRDT field; reads the instance's value."""
+
+    __slots__ = ("name", "template_type")
+
+    def __init__(self, name: str, template_type: type[CRDT]) -> None:
+        self.name = name
+        self.template_type = template_type
+
+    def __get__(self, instance: Agent | None, owner: type) -> Any:
+        if instance is None:
+            return self
+        return instance._state[self.name]
+
+    def __set__(self, instance: Agent, value: object) -> None:
+        raise AttributeError(
+            f"state field {self.name!r} is changed through its methods "
+            f"(e.g. self.{self.name}.increment(self.replica)), not assigned"
+        )
+
+
+class Agent:
+    """Base class of agent types. See the module docstring for the rules."""
+
+    #: the type name in agent ids (``"<type_name>/<key>"``); defaults to the class name
+    type_name: ClassVar[str]
+    #: seconds without messages before passivation; None means the node's default
+    idle_timeout: ClassVar[float | None] = None
+    __phoenix_schema__: ClassVar[StateSchema]
+    __phoenix_actions__: ClassVar[dict[str, Callable[..., Any]]]
+
+    _state: AgentState
+    _ctx: AgentContext
+    _id: str
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "type_name" not in cls.__dict__:
+            cls.type_name = cls.__name__
+        try:
+            schema = StateSchema.from_class(cls)
+        except StateError as exc:
+            raise PluginError(f"agent type {cls.__qualname__}: {exc}") from None
+        for name, field_type in schema.fields.items():
+            if isinstance(cls.__dict__.get(name), CRDT):
+                setattr(cls, name, _StateField(name, field_type))
+        cls.__phoenix_schema__ = schema
+        actions: dict[str, Callable[..., Any]] = {}
+        for klass in reversed(cls.__mro__):
+            for name, attr in vars(klass).items():
+                if getattr(attr, "__phoenix_action__", False):
+                    actions[name] = attr
+        cls.__phoenix_actions__ = actions
+
+    # --- identity and context (set by the worker before on_start) ------------------
+
+    @property
+    def id(self) -> str:
+        """The agent id, ``"<Type>/<key>"``."""
+        return self._id
+
+    @property
+    def key(self) -> str:
+        """The key part of the id."""
+        return self._id.partition("/")[2]
+
+    @property
+    def replica(self) -> str:
+        """This node's CRDT replica id (node id plus incarnation): pass it to mutators."""
+        return self._ctx.replica
+
+    @property
+    def state(self) -> AgentState:
+        """The composite state holding every declared field."""
+        return self._state
+
+    def tell(self, agent_id: str, action_name: str, **kwargs: Any) -> None:
+        """Send a fire-and-forget message to another agent (delivered after this batch).
+
+        Runs in the worker process. Agents of the same worker are reached without
+        a socket; others through the owning worker's ipc socket.
+        """
+        self._ctx.tell(agent_id, action_name, kwargs)
+
+    # --- lifecycle hooks ------------------------------------------------------------
+
+    def on_start(self) -> None:
+        """Called in the worker process when the agent is activated, state loaded.
+
+        If it raises, the activation fails: the message that caused it gets an
+        ACTION_FAILED error reply naming the agent and ``on_start``, the agent is
+        not kept, and the next message tries again.
+        """
+
+    def on_stop(self) -> None:
+        """Called in the worker process before passivation or a graceful shutdown.
+
+        State changes it makes are committed. If it raises, the error is logged
+        and the agent is passivated anyway (its state as of the last commit stays).
+        """
+
+    def on_failure(self, error: BaseException, action_name: str) -> None:
+        """Called in the worker process after an action raised ``error``.
+
+        The caller gets an ACTION_FAILED error reply naming the agent, action and
+        exception; state changes made by the failed action are still committed
+        with the batch (CRDT changes are not rolled back). If this hook itself
+        raises, the error is logged and ignored.
+        """
+
+    def __repr__(self) -> str:
+        ident = getattr(self, "_id", "<unbound>")
+        return f"<{type(self).__name__} {ident}>"
+
+
+def validate_agent_class(cls: object, origin: str) -> type[Agent]:
+    """Check that ``cls`` is a usable agent type; raise PluginError naming ``origin``."""
+    where = f"plugin {origin}"
+    if not (isinstance(cls, type) and issubclass(cls, Agent)) or cls is Agent:
+        raise PluginError(f"{where}: {cls!r} is not a subclass of phoenix Agent")
+    name = cls.type_name
+    if not isinstance(name, str) or not name or "/" in name or len(name) > 128:
+        raise PluginError(f"{where}: type_name {name!r} must be a non-empty str without '/'")
+    if cls.idle_timeout is not None and not (
+        isinstance(cls.idle_timeout, (int, float)) and cls.idle_timeout > 0
+    ):
+        raise PluginError(f"{where}: idle_timeout must be a positive number or None")
+    if not cls.__phoenix_actions__:
+        raise PluginError(f"{where}: {cls.__qualname__} declares no @action methods")
+    for action_name, fn in cls.__phoenix_actions__.items():
+        _validate_action(where, cls, action_name, fn)
+    try:
+        init_sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        init_sig = None
+    if init_sig is not None and any(
+        p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for p in init_sig.parameters.values()
+    ):
+        raise PluginError(f"{where}: {cls.__qualname__}() must be constructible with no arguments")
+    return cls
+
+
+def _validate_action(where: str, cls: type, name: str, fn: Callable[..., Any]) -> None:
+    label = f"{where}: action {cls.__qualname__}.{name}"
+    if name.startswith("_"):
+        raise PluginError(f"{label}: action names must not start with '_'")
+    if not inspect.isfunction(fn):
+        raise PluginError(f"{label}: must be a plain method (def)")
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise PluginError(f"{label}: async actions are not supported; use a plain def")
+    params = list(inspect.signature(fn).parameters.values())
+    if not params or params[0].kind not in (
+        params[0].POSITIONAL_OR_KEYWORD,
+        params[0].POSITIONAL_ONLY,
+    ):
+        raise PluginError(f"{label}: first parameter must be self")
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
+            raise PluginError(f"{label}: parameter {p.name!r} must be passable by keyword")
+        if p.name.startswith("_") or p.name in RESERVED_ARGUMENTS:
+            raise PluginError(
+                f"{label}: parameter name {p.name!r} is reserved (no leading '_', "
+                f"not one of {sorted(RESERVED_ARGUMENTS)})"
+            )

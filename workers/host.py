@@ -1,0 +1,300 @@
+"""The agent host: activation, dispatch, group commit and passivation.
+
+One :class:`AgentHost` lives in each worker process and owns the agents whose
+ids hash to that worker. It is driven by the worker loop, one batch at a time:
+
+1. :meth:`AgentHost.handle` runs one message: the agent is activated if needed
+   (state loaded from LMDB, ``on_start`` called), then the action runs.
+2. :meth:`AgentHost.commit` writes the state of every agent changed during the
+   batch in ONE LMDB write transaction (group commit). Only after it returns
+   does the worker send the batch's replies, so a reply means "durable".
+3. :meth:`AgentHost.passivate_idle` stops agents idle past their timeout
+   (``on_stop``, commit, drop from memory; the state stays in LMDB), and the
+   number of active agents is capped (least recently used first).
+
+Nothing here touches sockets: messages in and out are plain Python values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ipc.protocol import ErrorCode, pack, unpack
+from phoenix_node.state import DecodeError, StoreError
+from phoenix_node.state.store import Store
+
+from .agent import Agent
+
+__all__ = ["AgentContext", "AgentHost"]
+
+log = logging.getLogger("phoenix.worker")
+
+OK = 0
+
+
+class AgentContext:
+    """What an agent reaches of its worker: the replica id and outgoing tells."""
+
+    __slots__ = ("_outgoing", "replica")
+
+    def __init__(self, replica: str, outgoing: deque[tuple[str, str, bytes]]) -> None:
+        self.replica = replica
+        self._outgoing = outgoing
+
+    def tell(self, agent_id: str, action: str, kwargs: dict[str, Any]) -> None:
+        # Packed now: the receiver gets a copy (no state shared between agents), and a
+        # value msgpack cannot carry fails in the sending action, where it belongs.
+        self._outgoing.append((agent_id, action, pack(kwargs)))
+
+
+class _ActivationFailed(Exception):
+    def __init__(self, code: int, payload: dict[str, Any]) -> None:
+        super().__init__(payload["message"])
+        self.code = code
+        self.payload = payload
+
+
+def error_payload(
+    code: int, message: str, agent: str = "", action: str = "", exc_type: str = ""
+) -> dict[str, Any]:
+    """The payload of an error reply (see :mod:`ipc.protocol`)."""
+    return {
+        "code": int(code),
+        "message": message,
+        "agent": agent,
+        "action": action,
+        "type": exc_type,
+    }
+
+
+class AgentHost:
+    """Hosts the agents of one worker process."""
+
+    def __init__(
+        self,
+        types: dict[str, type[Agent]],
+        store: Store,
+        replica: str,
+        *,
+        idle_timeout: float = 300.0,
+        max_active: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.types = types
+        self.store = store
+        self.idle_timeout = idle_timeout
+        self.max_active = max_active
+        self.clock = clock
+        self.outgoing: deque[tuple[str, str, bytes]] = deque()
+        self.context = AgentContext(replica, self.outgoing)
+        # Insertion order is least-recently-used first: an agent is re-inserted on use.
+        self.active: dict[str, Agent] = {}
+        self._last_used: dict[str, float] = {}
+        self._touched: dict[str, Agent] = {}
+        self._timeouts = {
+            name: (cls.idle_timeout if cls.idle_timeout is not None else idle_timeout)
+            for name, cls in types.items()
+        }
+        self.handled = 0
+        self.failed = 0
+        self.activations = 0
+        self.passivations = 0
+        self.commits = 0
+
+    # --- one message ---------------------------------------------------------------
+
+    def handle(self, agent_id: str, action: str, payload: bytes) -> tuple[int, Any]:
+        """Run ``action`` on ``agent_id`` with the msgpack kwargs in ``payload``.
+
+        Returns ``(0, result)`` or ``(error_code, error_payload)``. Never raises
+        for anything a message or an agent can do.
+        """
+        self.handled += 1
+        type_name = agent_id.partition("/")[0]
+        cls = self.types.get(type_name)
+        if cls is None:
+            return self._error(
+                ErrorCode.UNKNOWN_AGENT_TYPE,
+                f"unknown agent type {type_name!r} (this node has: "
+                f"{', '.join(sorted(self.types))})",
+                agent_id,
+                action,
+            )
+        fn = cls.__phoenix_actions__.get(action)
+        if fn is None:
+            return self._error(
+                ErrorCode.UNKNOWN_ACTION,
+                f"{type_name} has no action {action!r} (it has: "
+                f"{', '.join(sorted(cls.__phoenix_actions__))})",
+                agent_id,
+                action,
+            )
+        try:
+            kwargs = unpack(payload) if payload else {}
+        except Exception as exc:
+            return self._error(ErrorCode.BAD_REQUEST, f"arguments: {exc}", agent_id, action)
+        if not isinstance(kwargs, dict):
+            return self._error(
+                ErrorCode.BAD_REQUEST, "arguments must be a msgpack map", agent_id, action
+            )
+        agent = self.active.get(agent_id)
+        if agent is None:
+            try:
+                agent = self._activate(agent_id, cls)
+            except _ActivationFailed as failed:
+                self.failed += 1
+                return failed.code, failed.payload
+        else:
+            del self._last_used[agent_id]
+        self._last_used[agent_id] = self.clock()
+        self._touched[agent_id] = agent
+        try:
+            return OK, fn(agent, **kwargs)
+        except TypeError as exc:
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                # Raised by the call itself: the arguments do not fit the signature.
+                return self._error(
+                    ErrorCode.BAD_ARGUMENTS,
+                    f"{type_name}.{action}: {exc}",
+                    agent_id,
+                    action,
+                    "TypeError",
+                )
+            return self._action_failed(agent, action, exc)
+        except Exception as exc:
+            return self._action_failed(agent, action, exc)
+
+    def _action_failed(self, agent: Agent, action: str, exc: Exception) -> tuple[int, Any]:
+        try:
+            agent.on_failure(exc, action)
+        except Exception:
+            log.exception("%s.on_failure raised while handling a failure of %s", agent.id, action)
+        return self._error(
+            ErrorCode.ACTION_FAILED,
+            f"{agent.id}.{action} raised {type(exc).__name__}: {exc}",
+            agent.id,
+            action,
+            type(exc).__name__,
+        )
+
+    def _error(
+        self, code: int, message: str, agent: str, action: str, exc_type: str = ""
+    ) -> tuple[int, Any]:
+        self.failed += 1
+        return code, error_payload(code, message, agent, action, exc_type)
+
+    # --- activation and passivation ------------------------------------------------
+
+    def _activate(self, agent_id: str, cls: type[Agent]) -> Agent:
+        schema = cls.__phoenix_schema__
+        try:
+            raw = self.store.load_state(agent_id)
+            state = (
+                schema.decode(raw, track_deltas=False)
+                if raw is not None
+                else schema.new_state(track_deltas=False)
+            )
+        except DecodeError as exc:
+            raise _ActivationFailed(
+                ErrorCode.INTERNAL,
+                error_payload(
+                    ErrorCode.INTERNAL, f"stored state of {agent_id} is unreadable: {exc}", agent_id
+                ),
+            ) from None
+        except StoreError as exc:
+            raise _ActivationFailed(
+                ErrorCode.STORE_FAILED,
+                error_payload(ErrorCode.STORE_FAILED, f"loading {agent_id}: {exc}", agent_id),
+            ) from None
+        agent = cls()
+        agent._id = agent_id
+        agent._ctx = self.context
+        agent._state = state
+        try:
+            agent.on_start()
+        except Exception as exc:
+            raise _ActivationFailed(
+                ErrorCode.ACTION_FAILED,
+                error_payload(
+                    ErrorCode.ACTION_FAILED,
+                    f"{agent_id}.on_start raised {type(exc).__name__}: {exc}",
+                    agent_id,
+                    "on_start",
+                    type(exc).__name__,
+                ),
+            ) from None
+        self.active[agent_id] = agent
+        self.activations += 1
+        if len(self.active) > self.max_active:
+            self._evict_lru()
+        return agent
+
+    def _evict_lru(self) -> None:
+        for agent_id in list(self._last_used)[: max(1, len(self.active) - self.max_active)]:
+            self._stop(agent_id)
+
+    def passivate_idle(self) -> int:
+        """Stop agents idle past their type's timeout; returns how many stopped."""
+        now = self.clock()
+        floor = min(self._timeouts.values(), default=self.idle_timeout)
+        expired = []
+        for agent_id, last in self._last_used.items():
+            if now - last <= floor:
+                break  # the rest were used more recently
+            if now - last > self._timeouts[agent_id.partition("/")[0]]:
+                expired.append(agent_id)
+        for agent_id in expired:
+            self._stop(agent_id)
+        return len(expired)
+
+    def _stop(self, agent_id: str) -> None:
+        agent = self.active.pop(agent_id)
+        self._last_used.pop(agent_id, None)
+        try:
+            agent.on_stop()
+        except Exception:
+            log.exception("%s.on_stop raised; passivating it anyway", agent_id)
+        if agent._state.dirty:
+            self._touched[agent_id] = agent  # committed with the current batch
+        self.passivations += 1
+
+    def stop_all(self) -> None:
+        """``on_stop`` for every active agent (graceful shutdown); commit afterwards."""
+        for agent_id in list(self.active):
+            self._stop(agent_id)
+
+    # --- group commit ----------------------------------------------------------------
+
+    def commit(self) -> bool:
+        """Write every changed agent's state in one transaction.
+
+        Returns False when the commit failed: the changed agents are dropped from
+        memory (the next message reloads their last committed state) and the
+        batch's replies must report STORE_FAILED.
+        """
+        touched = self._touched
+        if not touched:
+            return True
+        dirty = [(agent_id, agent) for agent_id, agent in touched.items() if agent._state.dirty]
+        touched.clear()
+        if not dirty:
+            return True
+        batch = self.store.batch()
+        for agent_id, agent in dirty:
+            batch.save_state(agent_id, agent._state.encode())
+        try:
+            self.store.commit(batch)
+        except StoreError:
+            log.exception("commit of %d agent states failed; reloading them", len(dirty))
+            for agent_id, _ in dirty:
+                self.active.pop(agent_id, None)
+                self._last_used.pop(agent_id, None)
+            return False
+        for _, agent in dirty:
+            agent._state.mark_clean()
+        self.commits += 1
+        return True
