@@ -1,0 +1,170 @@
+"""The ``phoenix-node`` command line: run, status, tell, ask, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from ._version import __version__
+from .config import ConfigError, add_arguments, load_config
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phoenix-node",
+        description="Phoenix: a node runtime for distributed, stateful Python agents.",
+    )
+    parser.add_argument("--version", action="version", version=f"phoenix-node {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a node in the foreground",
+        description="Run a node: a supervisor, one worker per CPU, and the "
+        "control process on the public endpoint.",
+    )
+    add_arguments(run)
+
+    default_endpoint = os.environ.get("PHOENIX_LISTEN", "tcp://127.0.0.1:7400")
+    status = sub.add_parser("status", help="show a running node's workers")
+    status.add_argument("--endpoint", default=default_endpoint, help="node endpoint")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--timeout", type=float, default=5.0)
+
+    for name, text in (
+        ("tell", "send a fire-and-forget message to an agent"),
+        ("ask", "call an agent's action and print its result"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=text + ". Arguments are key=value; "
+            "values are read as JSON when they parse, else as strings.",
+        )
+        p.add_argument("agent", help='agent id, "<Type>/<key>"')
+        p.add_argument("action", help="action name")
+        p.add_argument("args", nargs="*", metavar="key=value")
+        p.add_argument("--endpoint", default=default_endpoint, help="node endpoint")
+        p.add_argument("--timeout", type=float, default=10.0)
+
+    demo = sub.add_parser("demo", help="start a node with the demo agents and drive it")
+    demo.add_argument("--data", default="phoenix-data", help="data directory")
+    demo.add_argument("--workers", type=int, default=0, help="0 = one per CPU")
+    demo.add_argument("--listen", default="tcp://127.0.0.1:0", help="node endpoint")
+    demo.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command in ("tell", "ask"):
+            return _call(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args.data, args.workers, args.listen, args.seconds)
+    except ConfigError as exc:
+        print(f"phoenix-node: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.print_help()
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from workers.plugins import PluginError, load_agent_types
+
+    from .supervisor import Supervisor, SupervisorExit, configure_logging
+
+    config = load_config(args)
+    configure_logging(config.log_level)
+    try:
+        types = load_agent_types(config.agents, use_entry_points=config.entry_points)
+    except PluginError as exc:
+        print(f"phoenix-node: cannot start: {exc}", file=sys.stderr)
+        return SupervisorExit.CONFIG_ERROR
+    return Supervisor(config, types).run()
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .errors import PhoenixError
+
+    try:
+        with Client(args.endpoint, timeout=args.timeout) as client:
+            status = client.status()
+    except PhoenixError as exc:
+        print(f"phoenix-node: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(
+        f"node {status.get('node_id')}  {status.get('state')}  endpoint "
+        f"{status.get('endpoint')}  supervisor pid {status.get('pid')}"
+    )
+    print(
+        f"{'worker':>6} {'pid':>8} {'cpu':>4} {'state':<10} {'agents':>8} {'handled':>10} "
+        f"{'failed':>7} {'restarts':>8}"
+    )
+    for w in status.get("workers", []):
+        print(
+            f"{w['index']:>6} {w['pid'] or '-':>8} {w['cpu']:>4} {w['state']:<10} "
+            f"{w['agents']:>8} {w['handled']:>10} {w['failed']:>7} {w['restarts']:>8}"
+        )
+    return 0
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def _call(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .errors import PhoenixError
+
+    kwargs: dict[str, Any] = {}
+    for item in args.args:
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            print(f"phoenix-node: argument {item!r} is not key=value", file=sys.stderr)
+            return 2
+        kwargs[key] = _parse_value(value)
+    try:
+        with Client(args.endpoint, timeout=args.timeout) as client:
+            if args.command == "tell":
+                client.tell(args.agent, args.action, **kwargs)
+                return 0
+            result = client.ask(args.agent, args.action, timeout=args.timeout, **kwargs)
+    except PhoenixError as exc:
+        print(f"phoenix-node: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(result, default=_bytes_repr).decode())
+    return 0
+
+
+def _bytes_repr(obj: object) -> Any:
+    if isinstance(obj, bytes):
+        return obj.hex()
+    raise TypeError
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Node configuration, declared once.
+
+Each :class:`Option` names its type, default, help text, environment variable
+(``PHOENIX_<NAME>``) and command-line flag (``--<name-with-dashes>``). The CLI
+parser, validation, ``--help`` and ``docs/configuration.md`` all come from
+:data:`OPTIONS`. Precedence, lowest first: defaults, the TOML file
+(``--config``, keys as in the table, at top level or under ``[node]``), the
+environment, the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipc import EndpointError, check_endpoint
+
+__all__ = ["OPTIONS", "ConfigError", "NodeConfig", "Option", "add_arguments", "load_config"]
+
+
+class ConfigError(Exception):
+    """A configuration value is invalid; the message names where it came from."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    multiple: bool = False
+    minimum: float | None = None
+    check: Callable[[Any], Any] | None = None
+
+    @property
+    def env(self) -> str:
+        return "PHOENIX_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _endpoint(value: str) -> str:
+    try:
+        return check_endpoint(value)
+    except EndpointError as exc:
+        raise ValueError(str(exc)) from None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("workers", int, 0, "worker processes; 0 = one per usable CPU", minimum=0),
+    Option(
+        "listen",
+        str,
+        "tcp://127.0.0.1:7400",
+        "the node's public endpoint (port 0 = any free port)",
+        check=_endpoint,
+    ),
+    Option("data", str, "phoenix-data", "data directory (LMDB environment, status files)"),
+    Option("agents", str, [], "extra agent types as module:Class (repeatable)", multiple=True),
+    Option(
+        "entry_points",
+        bool,
+        True,
+        "load agent types from the phoenix_node.agents entry points (demo agents included)",
+    ),
+    Option(
+        "durability",
+        str,
+        "durable",
+        "durable: fsync at each commit; buffered: no fsync",
+        choices=("durable", "buffered"),
+    ),
+    Option("batch_size", int, 1000, "most messages a worker runs per commit", minimum=1),
+    Option(
+        "idle_timeout", float, 300.0, "seconds before an idle agent is passivated", minimum=0.01
+    ),
+    Option(
+        "max_active", int, 100_000, "most active agents per worker (LRU passivation)", minimum=1
+    ),
+    Option("heartbeat_interval", float, 0.5, "seconds between worker heartbeats", minimum=0.01),
+    Option(
+        "heartbeat_timeout",
+        float,
+        10.0,
+        "seconds without a heartbeat before a worker counts as hung and is replaced",
+        minimum=0.05,
+    ),
+    Option(
+        "drain_timeout",
+        float,
+        10.0,
+        "seconds a graceful stop may take before the rest is killed",
+        minimum=0.0,
+    ),
+    Option(
+        "max_restarts",
+        int,
+        10,
+        "crashes tolerated within restart_period before the node stops",
+        minimum=0,
+    ),
+    Option(
+        "restart_period",
+        float,
+        60.0,
+        "window (seconds) of the restart-intensity limit",
+        minimum=0.1,
+    ),
+    Option(
+        "restart_backoff_max", float, 10.0, "longest delay before restarting a worker", minimum=0.0
+    ),
+    Option("ready_file", str, "", "write a JSON line here once the node serves (for tools)"),
+    Option("log_level", str, "info", "log level", choices=("debug", "info", "warning", "error")),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated node settings (field names are the option names)."""
+
+    workers: int = 0
+    listen: str = "tcp://127.0.0.1:7400"
+    data: str = "phoenix-data"
+    agents: tuple[str, ...] = ()
+    entry_points: bool = True
+    durability: str = "durable"
+    batch_size: int = 1000
+    idle_timeout: float = 300.0
+    max_active: int = 100_000
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 10.0
+    drain_timeout: float = 10.0
+    max_restarts: int = 10
+    restart_period: float = 60.0
+    restart_backoff_max: float = 10.0
+    ready_file: str = ""
+    log_level: str = "info"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _convert(option: Option, raw: Any, source: str) -> Any:
+    where = f"{option.name} from {source}"
+    if option.multiple:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{where}: expected a list of strings, got {raw!r}")
+        return tuple(i.strip() for i in items if i.strip())
+    try:
+        if option.type is bool:
+            value = _to_bool(raw)
+        elif option.type is int and not (isinstance(raw, str) or type(raw) is int):
+            raise ValueError(f"expected an int, got {raw!r}")
+        elif option.type is float and isinstance(raw, bool):
+            raise ValueError(f"expected a number, got {raw!r}")
+        else:
+            value = option.type(raw)
+        if option.check is not None:
+            value = option.check(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if option.choices and value not in option.choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(option.choices)}")
+    if option.minimum is not None and value < option.minimum:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {option.minimum}")
+    return value
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {raw!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every option as a flag (defaults left unset so precedence can apply)."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file with node settings")
+    for o in OPTIONS:
+        help_text = f"{o.help} (env {o.env}; default: {o.default!r})"
+        if o.type is bool:
+            parser.add_argument(
+                o.flag,
+                dest=o.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        elif o.multiple:
+            parser.add_argument(
+                o.flag,
+                dest=o.name,
+                action="extend",
+                nargs="+",
+                default=None,
+                metavar="SPEC",
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                o.flag, dest=o.name, default=None, choices=o.choices or None, help=help_text
+            )
+
+
+def load_config(
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Merge defaults, the TOML file, the environment, flags and ``overrides``."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {o.name: o.default for o in OPTIONS}
+    config_path = getattr(args, "config", None) or env.get("PHOENIX_CONFIG")
+    if config_path:
+        for name, raw in _read_toml(config_path).items():
+            option = _BY_NAME.get(name)
+            if option is None:
+                raise ConfigError(
+                    f"{config_path}: unknown setting {name!r} "
+                    f"(known: {', '.join(sorted(_BY_NAME))})"
+                )
+            values[name] = _convert(option, raw, config_path)
+    for o in OPTIONS:
+        if o.env in env:
+            values[o.name] = _convert(o, env[o.env], f"environment {o.env}")
+    if args is not None:
+        for o in OPTIONS:
+            raw = getattr(args, o.name, None)
+            if raw is not None:
+                values[o.name] = _convert(o, raw, f"flag {o.flag}")
+    for name, raw in (overrides or {}).items():
+        option = _BY_NAME.get(name)
+        if option is None:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _convert(option, raw, "arguments")
+    values["agents"] = tuple(values["agents"])
+    return NodeConfig(**values)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = doc.get("node", doc)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [node] must be a table")
+    return table
+
+
+def options_markdown(options: Sequence[Option] = OPTIONS) -> str:
+    """The configuration reference table (docs/configuration.md is generated from it)."""
+    rows = ["| setting | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+    for o in options:
+        rows.append(f"| `{o.name}` | `{o.flag}` | `{o.env}` | `{o.default!r}` | {o.help} |")
+    return "\n".join(rows) + "\n"
