@@ -267,3 +267,18 @@ def options_markdown(options: Sequence[Option] = OPTIONS) -> str:
     for o in options:
         rows.append(f"| `{o.name}` | `{o.flag}` | `{o.env}` | `{o.default!r}` | {o.help} |")
     return "\n".join(rows) + "\n"
+
+
+def configuration_page() -> str:
+    """The whole of docs/configuration.md (``python -m phoenix_node.config`` prints it)."""
+    return (
+        "# Node configuration\n\n"
+        "Generated from `phoenix_node/config.py` (`OPTIONS`) by `python -m phoenix_node.config`;"
+        "\na test keeps this page in step. Precedence, lowest first: defaults, the TOML file\n"
+        "(`--config`; keys at top level or under `[node]`), the `PHOENIX_*` environment,\n"
+        "command-line flags.\n\n" + options_markdown()
+    )
+
+
+if __name__ == "__main__":
+    print(configuration_page(), end="")

@@ -124,6 +124,7 @@ class Supervisor:
         self.ready = False
         self._last_status = 0.0
         self._lock_fd = -1
+        self._activity = (0.0, 0)  # (when, handled) of the last activity line
 
     # --- setup ------------------------------------------------------------------------
 
@@ -197,6 +198,7 @@ class Supervisor:
                 self._murder_hung()
                 self._manage()
                 self._write_status()
+                self._log_activity()
         finally:
             self._finish()
         return self.exit_code
@@ -467,6 +469,26 @@ class Supervisor:
                 if s.index != CONTROL
             ],
         }
+
+    def _log_activity(self, every: float = 10.0) -> None:
+        """One line of live activity every ``every`` seconds once the node is ready."""
+        now = self.clock()
+        last, last_handled = self._activity
+        if not self.ready or now - last < every:
+            return
+        workers = [s for s in self.slots.values() if s.index != CONTROL]
+        handled = sum(s.beat.get("handled", 0) for s in workers)
+        rate = (handled - last_handled) / (now - last) if last else 0.0
+        log.info(
+            "%d/%d workers up, %d active agents, %d messages (%.0f/s), %d restarts",
+            sum(1 for s in workers if s.pid and s.beat),
+            len(workers),
+            sum(s.beat.get("agents", 0) for s in workers),
+            handled,
+            rate,
+            sum(s.restarts for s in workers),
+        )
+        self._activity = (now, handled)
 
     def _write_status(self, force: bool = False, state: str | None = None) -> None:
         now = self.clock()
