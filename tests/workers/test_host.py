@@ -1,0 +1,448 @@
+"""AgentHost (workers/host.py) with a real LMDB Store and a fake clock, no processes:
+activation, dispatch errors, lifecycle hooks, group commit, passivation, LRU, tells."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipc.protocol import ErrorCode, pack, unpack
+from phoenix_node.demo import Counter
+from phoenix_node.state import GCounter, StoreWriteError
+from phoenix_node.state.store import Store
+from workers.agent import Agent, action
+from workers.host import AgentHost
+
+EVENTS: list[tuple[Any, ...]] = []
+
+
+class Probe(Agent):
+    """Records its lifecycle hooks in EVENTS; some keys misbehave on purpose."""
+
+    hits = GCounter()
+
+    def on_start(self) -> None:
+        EVENTS.append(("start", self.id, self.hits.value))
+        if self.key.startswith("badstart"):
+            raise RuntimeError("cannot start")
+
+    def on_stop(self) -> None:
+        EVENTS.append(("stop", self.id))
+        if self.key.startswith("stopwrite"):
+            self.hits.increment(self.replica, 100)
+        if self.key.startswith("badstop"):
+            raise RuntimeError("cannot stop")
+
+    def on_failure(self, error: BaseException, action_name: str) -> None:
+        EVENTS.append(("failure", self.id, action_name, type(error).__name__, str(error)))
+        if self.key.startswith("badfailure"):
+            raise RuntimeError("on_failure broke too")
+
+    @action
+    def hit(self, n: int = 1) -> int:
+        self.hits.increment(self.replica, n)
+        return self.hits.value
+
+    @action
+    def read(self) -> int:
+        return self.hits.value
+
+    @action
+    def need(self, value: int) -> int:
+        return value
+
+    @action
+    def boom(self, message: str = "kaput") -> None:
+        self.hits.increment(self.replica)
+        raise ValueError(message)
+
+    @action
+    def inner_type_error(self) -> int:
+        return len(5)  # type: ignore[arg-type]
+
+    @action
+    def assign(self) -> None:
+        self.hits = GCounter()
+
+    @action
+    def send(self, target: str, n: int = 1) -> None:
+        self.tell(target, "hit", n=n)
+
+    @action
+    def send_unpackable(self, target: str) -> None:
+        self.tell(target, "hit", n=object())
+
+
+class Quick(Probe):
+    type_name = "Quick"
+    hits = GCounter()
+    idle_timeout = 1.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+TYPES: dict[str, type[Agent]] = {"Probe": Probe, "Quick": Quick, "Counter": Counter}
+
+
+@pytest.fixture(autouse=True)
+def clear_events() -> Iterator[None]:
+    EVENTS.clear()
+    yield
+    EVENTS.clear()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "db", durability="buffered")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+MakeHost = Callable[..., AgentHost]
+
+
+@pytest.fixture
+def make_host(store: Store, clock: FakeClock) -> MakeHost:
+    def make(**kwargs: Any) -> AgentHost:
+        kwargs.setdefault("idle_timeout", 10.0)
+        kwargs.setdefault("clock", clock)
+        return AgentHost(dict(TYPES), store, "node:0", **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def host(make_host: MakeHost) -> AgentHost:
+    return make_host()
+
+
+def ask(host: AgentHost, agent_id: str, action_name: str, **kwargs: Any) -> tuple[int, Any]:
+    return host.handle(agent_id, action_name, pack(kwargs))
+
+
+def stored_hits(store: Store, agent_id: str) -> int | None:
+    raw = store.load_state(agent_id)
+    if raw is None:
+        return None
+    return Probe.__phoenix_schema__.decode(raw)["hits"].value
+
+
+def store_hits(store: Store, agent_id: str, n: int) -> None:
+    state = Probe.__phoenix_schema__.new_state()
+    state["hits"].increment("elsewhere:1", n)
+    batch = store.batch()
+    batch.save_state(agent_id, state.encode())
+    store.commit(batch)
+
+
+# --- activation -----------------------------------------------------------------------------
+
+
+def test_activation_loads_the_stored_state(host: AgentHost, store: Store) -> None:
+    store_hits(store, "Probe/a", 7)
+    assert ask(host, "Probe/a", "read") == (0, 7)
+    assert EVENTS == [("start", "Probe/a", 7)]  # on_start already sees the loaded state
+    assert ask(host, "Probe/a", "hit") == (0, 8)
+    assert ask(host, "Probe/new", "read") == (0, 0)
+    assert host.activations == 2 and set(host.active) == {"Probe/a", "Probe/new"}
+
+
+def test_unreadable_stored_state_is_an_internal_error(host: AgentHost, store: Store) -> None:
+    batch = store.batch()
+    batch.save_state("Probe/corrupt", b"\xc1 not a state")
+    store.commit(batch)
+    status, payload = ask(host, "Probe/corrupt", "read")
+    assert status == ErrorCode.INTERNAL == payload["code"]
+    assert payload["agent"] == "Probe/corrupt" and "Probe/corrupt" in payload["message"]
+    assert "Probe/corrupt" not in host.active and EVENTS == []
+
+
+# --- dispatch errors -----------------------------------------------------------------------
+
+
+def test_unknown_agent_type(host: AgentHost) -> None:
+    status, payload = ask(host, "Nope/1", "get")
+    assert status == ErrorCode.UNKNOWN_AGENT_TYPE
+    assert payload == {
+        "code": ErrorCode.UNKNOWN_AGENT_TYPE,
+        "message": payload["message"],
+        "agent": "Nope/1",
+        "action": "get",
+        "type": "",
+    }
+    assert "'Nope'" in payload["message"] and "Counter, Probe, Quick" in payload["message"]
+    assert host.active == {} and host.failed == 1 and host.handled == 1
+
+
+def test_unknown_action(host: AgentHost) -> None:
+    status, payload = ask(host, "Probe/1", "fly")
+    assert status == ErrorCode.UNKNOWN_ACTION == payload["code"]
+    assert payload["agent"] == "Probe/1" and payload["action"] == "fly"
+    assert "'fly'" in payload["message"] and "hit" in payload["message"]
+    assert host.active == {}, "an unknown action must not activate the agent"
+
+
+@pytest.mark.parametrize(
+    ("action_name", "kwargs", "fragment"),
+    [
+        ("hit", {"wings": 2}, "unexpected keyword"),
+        ("need", {}, "missing 1 required"),
+        ("hit", {"self": 1}, "multiple values"),
+    ],
+)
+def test_arguments_that_do_not_fit_are_bad_arguments(
+    host: AgentHost, action_name: str, kwargs: dict[str, Any], fragment: str
+) -> None:
+    status, payload = ask(host, "Probe/args", action_name, **kwargs)
+    assert status == ErrorCode.BAD_ARGUMENTS == payload["code"]
+    assert payload["agent"] == "Probe/args" and payload["action"] == action_name
+    assert payload["type"] == "TypeError" and fragment in payload["message"]
+    assert f"Probe.{action_name}" in payload["message"]
+    assert EVENTS == [("start", "Probe/args", 0)], "on_failure is not for bad arguments"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [pack([1, 2]), pack(5), pack(None), b"\xc1", pack({"n": 1})[:-1], pack({1: 2})],
+    ids=["list", "int", "nil", "garbage", "truncated", "int key"],
+)
+def test_payload_that_is_not_a_msgpack_map_is_a_bad_request(
+    host: AgentHost, payload: bytes
+) -> None:
+    status, body = host.handle("Probe/p", "hit", payload)
+    assert status == ErrorCode.BAD_REQUEST == body["code"]
+    assert body["agent"] == "Probe/p" and body["action"] == "hit"
+
+
+def test_an_empty_payload_means_no_arguments(host: AgentHost) -> None:
+    assert host.handle("Probe/p", "hit", b"") == (0, 1)
+
+
+def test_action_exception_is_action_failed_and_on_failure_runs(
+    host: AgentHost, store: Store
+) -> None:
+    status, payload = ask(host, "Probe/f", "boom", message="it broke")
+    assert status == ErrorCode.ACTION_FAILED == payload["code"]
+    assert payload["agent"] == "Probe/f" and payload["action"] == "boom"
+    assert payload["type"] == "ValueError"
+    assert "Probe/f" in payload["message"] and "boom" in payload["message"]
+    assert "ValueError" in payload["message"] and "it broke" in payload["message"]
+    assert EVENTS[-1] == ("failure", "Probe/f", "boom", "ValueError", "it broke")
+    # documented: changes made before the raise are committed, not rolled back
+    assert host.commit()
+    assert stored_hits(store, "Probe/f") == 1
+    assert ask(host, "Probe/f", "read") == (0, 1), "the agent survives its failure"
+
+
+def test_type_error_inside_an_action_is_action_failed_not_bad_arguments(
+    host: AgentHost,
+) -> None:
+    status, payload = ask(host, "Probe/t", "inner_type_error")
+    assert status == ErrorCode.ACTION_FAILED and payload["type"] == "TypeError"
+    assert EVENTS[-1][:3] == ("failure", "Probe/t", "inner_type_error")
+
+
+def test_on_failure_raising_is_ignored(host: AgentHost) -> None:
+    status, payload = ask(host, "Probe/badfailure", "boom")
+    assert status == ErrorCode.ACTION_FAILED and payload["type"] == "ValueError"
+    assert ask(host, "Probe/badfailure", "read") == (0, 1)
+
+
+def test_assigning_a_state_field_in_an_action_fails_the_action(host: AgentHost) -> None:
+    status, payload = ask(host, "Probe/as", "assign")
+    assert status == ErrorCode.ACTION_FAILED and payload["type"] == "AttributeError"
+    assert "hits" in payload["message"]
+
+
+def test_on_start_raising_fails_the_message_and_the_agent_is_not_kept(
+    host: AgentHost,
+) -> None:
+    status, payload = ask(host, "Probe/badstart", "hit")
+    assert status == ErrorCode.ACTION_FAILED == payload["code"]
+    assert payload["agent"] == "Probe/badstart" and payload["action"] == "on_start"
+    assert payload["type"] == "RuntimeError" and "cannot start" in payload["message"]
+    assert "Probe/badstart" not in host.active
+    assert host.commit() is True  # nothing to write
+    # the next message tries again
+    ask(host, "Probe/badstart", "hit")
+    assert [e for e in EVENTS if e[0] == "start"] == [("start", "Probe/badstart", 0)] * 2
+    assert host.activations == 0
+
+
+# --- group commit ----------------------------------------------------------------------------
+
+
+def test_commit_writes_only_changed_agents_in_one_batch(
+    host: AgentHost, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_commit = Store.commit
+
+    def spy(self: Store, batch: Any) -> None:
+        calls.append(len(batch))
+        real_commit(self, batch)
+
+    monkeypatch.setattr(Store, "commit", spy)  # Store has __slots__: patch the class
+    store_hits(store, "Probe/c", 4)
+    calls.clear()
+    ask(host, "Probe/a", "hit", n=2)
+    ask(host, "Probe/b", "hit")
+    ask(host, "Probe/a", "hit")
+    ask(host, "Probe/c", "read")  # touched, unchanged
+    ask(host, "Probe/d", "read")  # activated, unchanged
+    assert stored_hits(store, "Probe/a") is None, "nothing is written before commit"
+    assert host.commit() is True
+    assert calls == [2], "one transaction holding exactly the two changed agents"
+    assert stored_hits(store, "Probe/a") == 3 and stored_hits(store, "Probe/b") == 1
+    assert stored_hits(store, "Probe/c") == 4 and stored_hits(store, "Probe/d") is None
+    assert host.commits == 1
+    # nothing changed since: no transaction at all
+    ask(host, "Probe/a", "read")
+    assert host.commit() is True and calls == [2]
+
+
+def test_a_failed_commit_drops_the_changed_agents_and_they_reload(
+    host: AgentHost, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ask(host, "Probe/a", "hit", n=5)
+    ask(host, "Probe/keep", "read")
+    assert host.commit()
+
+    def broken(self: Store, batch: Any) -> None:
+        raise StoreWriteError("disk full (simulated)")
+
+    monkeypatch.setattr(Store, "commit", broken)  # Store has __slots__: patch the class
+    assert ask(host, "Probe/a", "hit", n=10) == (0, 15)
+    assert host.commit() is False
+    assert "Probe/a" not in host.active, "a changed agent must not outlive a failed commit"
+    assert "Probe/keep" in host.active, "unchanged agents stay"
+    monkeypatch.undo()
+    # the next message reloads the last committed state: the +10 never happened
+    assert ask(host, "Probe/a", "read") == (0, 5)
+    assert ask(host, "Probe/a", "hit") == (0, 6)
+    assert host.commit() is True
+    assert stored_hits(store, "Probe/a") == 6
+
+
+# --- passivation -----------------------------------------------------------------------------
+
+
+def test_idle_agents_are_passivated_with_on_stop_and_its_changes_committed(
+    host: AgentHost, store: Store, clock: FakeClock
+) -> None:
+    ask(host, "Probe/old", "hit")
+    ask(host, "Probe/stopwrite", "hit")
+    clock.now += 8
+    ask(host, "Probe/recent", "hit")
+    assert host.commit()
+    EVENTS.clear()
+    clock.now += 2.5  # old and stopwrite idle 10.5 s > 10; recent 2.5 s
+    assert host.passivate_idle() == 2
+    assert sorted(EVENTS) == [("stop", "Probe/old"), ("stop", "Probe/stopwrite")]
+    assert set(host.active) == {"Probe/recent"}
+    assert host.passivations == 2
+    assert stored_hits(store, "Probe/stopwrite") == 1, "committed only at commit()"
+    assert host.commit()
+    assert stored_hits(store, "Probe/stopwrite") == 101
+    assert ask(host, "Probe/stopwrite", "read") == (0, 101)
+    clock.now += 100
+    assert host.passivate_idle() == 2
+
+
+def test_nothing_is_passivated_before_its_timeout(host: AgentHost, clock: FakeClock) -> None:
+    ask(host, "Probe/a", "hit")
+    clock.now += 10.0  # exactly the timeout: still alive
+    assert host.passivate_idle() == 0
+    ask(host, "Probe/a", "read")  # use resets the idle time
+    clock.now += 9.9
+    assert host.passivate_idle() == 0 and "Probe/a" in host.active
+
+
+def test_a_type_idle_timeout_overrides_the_host_default(host: AgentHost, clock: FakeClock) -> None:
+    ask(host, "Probe/slow", "hit")
+    ask(host, "Quick/fast", "hit")
+    clock.now += 1.5
+    assert host.passivate_idle() == 1
+    assert set(host.active) == {"Probe/slow"}
+
+
+def test_on_stop_raising_still_passivates(host: AgentHost, clock: FakeClock) -> None:
+    ask(host, "Probe/badstop", "hit")
+    assert host.commit()
+    clock.now += 11
+    assert host.passivate_idle() == 1 and host.active == {}
+    assert ask(host, "Probe/badstop", "read") == (0, 1)
+
+
+def test_stop_all_calls_on_stop_for_every_agent(host: AgentHost, store: Store) -> None:
+    for key in ("a", "b", "stopwrite"):
+        ask(host, f"Probe/{key}", "hit")
+    host.stop_all()
+    assert {e[1] for e in EVENTS if e[0] == "stop"} == {"Probe/a", "Probe/b", "Probe/stopwrite"}
+    assert host.active == {}
+    assert host.commit()
+    assert stored_hits(store, "Probe/stopwrite") == 101
+    assert stored_hits(store, "Probe/a") == 1
+
+
+def test_max_active_evicts_the_least_recently_used(
+    make_host: MakeHost, store: Store, clock: FakeClock
+) -> None:
+    host = make_host(max_active=2)
+    ask(host, "Probe/a", "hit")
+    clock.now += 1
+    ask(host, "Probe/b", "hit")
+    clock.now += 1
+    ask(host, "Probe/a", "read")  # a is now more recent than b
+    assert host.commit()
+    clock.now += 1
+    ask(host, "Probe/c", "hit")
+    assert set(host.active) == {"Probe/a", "Probe/c"}
+    assert ("stop", "Probe/b") in EVENTS and ("stop", "Probe/a") not in EVENTS
+    assert host.commit()
+    assert ask(host, "Probe/b", "read") == (0, 1), "an evicted agent keeps its state"
+    assert len(host.active) == 2
+
+
+def test_eviction_and_reactivation_within_one_batch_loses_no_update(
+    make_host: MakeHost, store: Store
+) -> None:
+    host = make_host(max_active=1)
+    assert ask(host, "Counter/a", "inc") == (0, 1)
+    assert ask(host, "Counter/b", "inc") == (0, 1)  # evicts Counter/a, not yet committed
+    assert ask(host, "Counter/a", "inc") == (0, 2)
+    assert host.commit()
+    assert ask(make_host(), "Counter/a", "get") == (0, 2)
+
+
+# --- tells -----------------------------------------------------------------------------------
+
+
+def test_tells_from_an_action_land_in_outgoing_packed(host: AgentHost) -> None:
+    assert ask(host, "Probe/sender", "send", target="Counter/x", n=3) == (0, None)
+    assert ask(host, "Probe/sender", "send", target="Probe/y") == (0, None)
+    assert len(host.outgoing) == 2
+    agent_id, action_name, payload = host.outgoing.popleft()
+    assert (agent_id, action_name) == ("Counter/x", "hit")
+    assert isinstance(payload, bytes) and unpack(payload) == {"n": 3}
+    assert host.outgoing.popleft()[0] == "Probe/y"
+    # a value msgpack cannot carry fails the sending action, and nothing is queued
+    status, body = ask(host, "Probe/sender", "send_unpackable", target="Probe/y")
+    assert status == ErrorCode.ACTION_FAILED and body["type"] == "TypeError"
+    assert not host.outgoing
