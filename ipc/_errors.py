@@ -16,9 +16,12 @@ class EndpointError(TransportError, ValueError):
 class ProtocolError(TransportError):
     """Frames received do not follow the wire protocol (see :mod:`ipc.protocol`).
 
-    ``code`` is the error code the receiver answers with (see ``ErrorCode``).
+    ``code`` is the error code the receiver answers with (see ``ErrorCode``);
+    ``corr_id`` is the request's correlation id when the header got that far, so
+    the error reply can be matched by the sender (0 when it is unknown).
     """
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = 1, corr_id: int = 0) -> None:
         super().__init__(message)
         self.code = code
+        self.corr_id = corr_id

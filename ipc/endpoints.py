@@ -30,7 +30,7 @@ def check_endpoint(endpoint: str) -> str:
         host, colon, port = rest.rpartition(":")
         if not colon or not host:
             raise EndpointError(f"tcp endpoint {endpoint!r} needs HOST:PORT")
-        if port != "*" and not (port.isdigit() and 0 <= int(port) <= 65535):
+        if port != "*" and not (port.isascii() and port.isdigit() and 0 <= int(port) <= 65535):
             raise EndpointError(f"tcp endpoint {endpoint!r}: port must be 0..65535 or *")
         return endpoint
     if scheme == "ipc":

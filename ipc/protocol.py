@@ -33,8 +33,10 @@ map ``{"code": int, "message": str, "agent": str, "action": str, "type": str}``
 client rebuilds errors from ``code``, never from a class name). HELLO and
 STATUS replies are maps described in ``docs/protocol.md``.
 
-Limits: a message is at most 16 MiB (``MAXMSGSIZE`` on every socket); a header
-at most 4 KiB; msgpack ext types are refused; map keys must be str. A frame
+Limits: a frame is at most 16 MiB (``MAXMSGSIZE`` on every socket); at most 8
+routing frames of at most 255 bytes each; a header at most 4 KiB; payloads nest
+at most 32 levels; msgpack ext types (the timestamp type included) are refused;
+map keys must be str. A frame
 that breaks any rule gets an error reply with code BAD_REQUEST (when a reply is
 possible: an ASK whose header could be read) and is counted; it never crashes
 the receiver.
@@ -70,6 +72,9 @@ PROTOCOL_VERSION = 1
 ASK, TELL, HELLO, STATUS, REPLY = 1, 2, 3, 4, 16
 _REQUEST_KINDS = frozenset((ASK, TELL, HELLO, STATUS))
 MAX_HEADER = 4096
+MAX_ROUTES = 8
+MAX_ROUTE_ID = 255
+MAX_DEPTH = 32
 MAX_AGENT_ID = 511
 MAX_ACTION = 128
 _U64 = 2**64
@@ -105,11 +110,37 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 def unpack(frame: bytes) -> Any:
     """Decode a payload; any malformed input raises ProtocolError(BAD_REQUEST)."""
     try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
     except ProtocolError:
         raise
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"malformed msgpack payload: {type(exc).__name__}") from None
+    if isinstance(obj, (list, dict)):
+        _check_plain(obj, 0)
+    elif isinstance(obj, msgpack.Timestamp):
+        raise ProtocolError("msgpack ext type -1 (timestamp) is not allowed")
+    return obj
+
+
+def _check_plain(obj: list[Any] | dict[Any, Any], depth: int) -> None:
+    """Refuse what msgpack lets through but the protocol does not: bytes map keys and
+    timestamps (ext -1 is decoded without calling ext_hook), and deep nesting."""
+    if depth >= MAX_DEPTH:
+        raise ProtocolError(f"payload nests deeper than {MAX_DEPTH} levels")
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if type(key) is not str:
+                raise ProtocolError("payload map keys must be str")
+            if isinstance(value, (list, dict)):
+                _check_plain(value, depth + 1)
+            elif isinstance(value, msgpack.Timestamp):
+                raise ProtocolError("msgpack ext type -1 (timestamp) is not allowed")
+        return
+    for value in obj:
+        if isinstance(value, (list, dict)):
+            _check_plain(value, depth + 1)
+        elif isinstance(value, msgpack.Timestamp):
+            raise ProtocolError("msgpack ext type -1 (timestamp) is not allowed")
 
 
 def encode_request(kind: int, corr_id: int, agent_id: str = "", action: str = "") -> bytes:
@@ -129,7 +160,13 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes], bytes, bytes]:
         raise ProtocolError(f"message of {n} frames: expected [routes..., b'', header, payload]")
     if frames[n - 3] != b"":
         raise ProtocolError("missing the empty delimiter frame before header and payload")
-    return frames[: n - 3], frames[n - 2], frames[n - 1]
+    stack = frames[: n - 3]
+    if len(stack) > MAX_ROUTES or any(len(r) > MAX_ROUTE_ID or not r for r in stack):
+        raise ProtocolError(
+            f"routing stack must be at most {MAX_ROUTES} non-empty ids of "
+            f"at most {MAX_ROUTE_ID} bytes"
+        )
+    return stack, frames[n - 2], frames[n - 1]
 
 
 def _header_array(frame: bytes) -> list[Any]:
@@ -138,7 +175,7 @@ def _header_array(frame: bytes) -> list[Any]:
     header = unpack(frame)
     if not isinstance(header, list) or len(header) < 4:
         raise ProtocolError("header must be a msgpack array of at least 4 elements")
-    if header[0] != PROTOCOL_VERSION or isinstance(header[0], bool):
+    if type(header[0]) is not int or header[0] != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version {header[0]!r} is not supported (this node speaks "
             f"{PROTOCOL_VERSION})",
@@ -156,24 +193,28 @@ def decode_header(frame: bytes) -> tuple[int, int, str, str]:
     if len(header) < 5:
         raise ProtocolError("request header must be [version, kind, corr_id, agent_id, action]")
     kind, corr, agent_id, action = header[1], header[2], header[3], header[4]
-    if kind not in _REQUEST_KINDS or isinstance(kind, bool):
-        raise ProtocolError(f"unknown message kind {kind!r}")
-    if not isinstance(agent_id, str) or not isinstance(action, str):
-        raise ProtocolError("agent_id and action must be strings")
-    if kind in (ASK, TELL):
-        check_agent_id(agent_id)
-        if not action.isidentifier() or len(action) > MAX_ACTION:
-            raise ProtocolError(f"action {action[:40]!r} is not an identifier of <= 128 chars")
+    try:
+        if type(kind) is not int or kind not in _REQUEST_KINDS:
+            raise ProtocolError(f"unknown message kind {kind!r:.40}")
+        if not isinstance(agent_id, str) or not isinstance(action, str):
+            raise ProtocolError("agent_id and action must be strings")
+        if kind in (ASK, TELL):
+            check_agent_id(agent_id)
+            if not action.isidentifier() or len(action) > MAX_ACTION:
+                raise ProtocolError(f"action {action[:40]!r} is not an identifier of <= 128 chars")
+    except ProtocolError as exc:
+        exc.corr_id = corr  # the header got far enough for the sender to be answered
+        raise
     return kind, corr, agent_id, action
 
 
 def decode_reply_header(frame: bytes) -> tuple[int, int]:
     """Decode a reply header into ``(corr_id, status)``."""
     header = _header_array(frame)
-    if header[1] != REPLY:
+    if type(header[1]) is not int or header[1] != REPLY:
         raise ProtocolError(f"expected a reply header, got kind {header[1]!r}")
     status = header[3]
-    if type(status) is not int:
+    if type(header[1]) is not int or type(status) is not int:
         raise ProtocolError("reply status must be an int")
     return header[2], status
 
@@ -183,6 +224,10 @@ def check_agent_id(agent_id: str) -> str:
     type_name, slash, key = agent_id.partition("/")
     if not slash or not type_name or not key:
         raise ProtocolError(f"agent id {agent_id[:60]!r} is not of the form '<Type>/<key>'")
-    if len(agent_id.encode()) > MAX_AGENT_ID:
+    try:
+        encoded = agent_id.encode()
+    except UnicodeEncodeError:
+        raise ProtocolError("agent id is not valid UTF-8 text (lone surrogate)") from None
+    if len(encoded) > MAX_AGENT_ID:
         raise ProtocolError(f"agent id longer than {MAX_AGENT_ID} bytes")
     return agent_id

@@ -138,10 +138,15 @@ class Client:
         self._closed = True
         if os.getpid() != self._pid:
             return  # inherited across fork: the sockets are not ours to close
-        for sock in [*self._monitors, *self._workers]:
-            sock.close(linger=0)
+        # Tells still queued get a bounded moment to leave (a tell followed by close,
+        # as `phoenix-node tell` does, must not be dropped); asks are abandoned.
+        linger_ms = int(min(self.timeout, 1.0) * 1000)
+        for monitor in self._monitors:
+            monitor.close(linger=0)
+        for sock in self._workers:
+            sock.close(linger=linger_ms)
         if self._front is not None:
-            self._front.close(linger=0)
+            self._front.close(linger=linger_ms)
         if self._own_ctx:
             self._ctx.term()
 

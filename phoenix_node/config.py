@@ -11,6 +11,7 @@ environment, the command line.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -168,6 +169,8 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
     if option.choices and value not in option.choices:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(option.choices)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
     if option.minimum is not None and value < option.minimum:
         raise ConfigError(f"{where}: {value!r} is below the minimum {option.minimum}")
     return value
@@ -255,9 +258,17 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    table = doc.get("node", doc)
+    if "node" not in doc:
+        return doc
+    table = doc["node"]
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [node] must be a table")
+    stray = sorted(k for k in doc if k != "node")
+    if stray:
+        raise ConfigError(
+            f"config file {path}: settings {', '.join(stray)} are outside the [node] "
+            "table; put every setting in [node] or none"
+        )
     return table
 
 

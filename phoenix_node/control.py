@@ -145,23 +145,23 @@ class _Control:
                 frames = self.front.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._handle(frames)
+            try:
+                self._handle(frames)
+            except Exception:
+                # A bug must cost one message, not the node's endpoint.
+                log.exception("control: unexpected error handling a message")
+                self._bad_frame(frames[:1], ErrorCode.INTERNAL, 0, "internal error")
 
     def _handle(self, frames: list[bytes]) -> None:
         try:
             stack, header, _ = split_envelope(frames)
+        except ProtocolError as exc:
+            self._bad_frame(frames[:1], exc.code, 0, str(exc))
+            return
+        try:
             kind, corr, agent_id, _action = decode_header(header)
         except ProtocolError as exc:
-            self.bad_frames += 1
-            if len(frames) >= 3 and frames[0]:
-                self._send(
-                    [
-                        frames[0],
-                        b"",
-                        encode_reply(0, exc.code),
-                        pack(error_payload(exc.code, str(exc))),
-                    ]
-                )
+            self._bad_frame(stack, exc.code, exc.corr_id, str(exc))
             return
         if kind == HELLO:
             self._answer(stack, corr, self._topology())
@@ -188,6 +188,11 @@ class _Control:
                             ),
                         ]
                     )
+
+    def _bad_frame(self, stack: list[bytes], code: int, corr: int, message: str) -> None:
+        self.bad_frames += 1
+        if stack and stack[0]:
+            self._send([*stack, b"", encode_reply(corr, code), pack(error_payload(code, message))])
 
     def _relay(self, back: zmq.Socket[bytes]) -> None:
         for _ in range(1000):

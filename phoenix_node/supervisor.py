@@ -242,8 +242,10 @@ class Supervisor:
                     continue
                 slot.beat = beat
                 slot.last_beat = now
-                if slot.index != CONTROL and beat.get("endpoint"):
-                    slot.tcp_endpoint = beat["endpoint"]  # sticky across restarts
+                if beat.get("endpoint"):
+                    # Sticky across restarts: a restarted child rebinds the same port,
+                    # so clients' connections (and the ready file) stay valid.
+                    slot.tcp_endpoint = beat["endpoint"]
 
     def _reap(self) -> None:
         while True:
@@ -353,7 +355,7 @@ class Supervisor:
         if slot.index == CONTROL:
             return ControlSpec(
                 node_id=self.node_id,
-                listen=cfg.listen,
+                listen=slot.tcp_endpoint,
                 workers=len(self.slots) - 1,
                 status_path=self.status_path,
                 heartbeat_fd=hb_w,
@@ -462,6 +464,9 @@ class Supervisor:
                     "handled": s.beat.get("handled", 0),
                     "failed": s.beat.get("failed", 0),
                     "restarts": s.restarts,
+                    "bad_frames": s.beat.get("bad_frames", 0),
+                    "dropped_replies": s.beat.get("dropped_replies", 0),
+                    "forwarded": s.beat.get("forwarded", 0),
                     "uptime": round(now - s.started_at, 1) if s.pid else 0.0,
                     "last_exit": s.last_exit or None,
                 }

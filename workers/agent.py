@@ -95,7 +95,15 @@ class Agent:
         if "type_name" not in cls.__dict__:
             cls.type_name = cls.__name__
         try:
-            schema = StateSchema.from_class(cls)
+            own = StateSchema.from_class(cls)
+            # Fields of agent base classes are _StateField descriptors by now, which
+            # from_class does not see: inherit them from the bases' schemas.
+            inherited: dict[str, type[CRDT]] = {}
+            for base in reversed(cls.__mro__[1:]):
+                base_schema = base.__dict__.get("__phoenix_schema__")
+                if isinstance(base_schema, StateSchema):
+                    inherited.update(base_schema.fields)
+            schema = StateSchema({**inherited, **own.fields}, owner=cls.__qualname__)
         except StateError as exc:
             raise PluginError(f"agent type {cls.__qualname__}: {exc}") from None
         for name, field_type in schema.fields.items():

@@ -234,7 +234,12 @@ class AgentHost:
         return agent
 
     def _evict_lru(self) -> None:
-        for agent_id in list(self._last_used)[: max(1, len(self.active) - self.max_active)]:
+        excess = len(self.active) - self.max_active
+        # Agents used in the current batch are never evicted: their changes are not
+        # committed yet, and a reactivation in the same batch would load stale state.
+        # The cap may be exceeded until the batch commits.
+        victims = [a for a in self._last_used if a not in self._touched][:excess]
+        for agent_id in victims:
             self._stop(agent_id)
 
     def passivate_idle(self) -> int:

@@ -212,7 +212,12 @@ class _Worker:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            self._dispatch(frames, replies)
+            try:
+                self._dispatch(frames, replies)
+            except Exception:
+                # A bug must cost one message, not the worker and every agent on it.
+                log.exception("worker %d: unexpected error handling a message", self.spec.index)
+                self._bad_frame(frames[:1], ErrorCode.INTERNAL, 0, "internal error")
         self._run_local_tells()
         committed = host.commit()
         for stack, corr, status, result in replies:
@@ -230,13 +235,14 @@ class _Worker:
     ) -> None:
         try:
             stack, header, payload = split_envelope(frames)
+        except ProtocolError as exc:
+            # frames[0] is the id the ROUTER pushed: the sender can still be answered.
+            self._bad_frame(frames[:1], exc.code, 0, str(exc))
+            return
+        try:
             kind, corr, agent_id, action = decode_header(header)
         except ProtocolError as exc:
-            self.bad_frames += 1
-            if len(frames) >= 3 and frames[0]:
-                # The sender can be answered even if the header is unreadable.
-                stack = frames[: max(1, len(frames) - 3)]
-                self._reply(stack, 0, exc.code, error_payload(exc.code, str(exc)))
+            self._bad_frame(stack, exc.code, exc.corr_id, str(exc))
             return
         if kind not in (ASK, TELL):
             replies.append(
@@ -258,6 +264,11 @@ class _Worker:
         status, result = self.host.handle(agent_id, action, payload)
         if kind == ASK:
             replies.append((stack, corr, status, result))
+
+    def _bad_frame(self, stack: list[bytes], code: int, corr: int, message: str) -> None:
+        self.bad_frames += 1
+        if stack and stack[0]:
+            self._reply(stack, corr, code, error_payload(code, message))
 
     def _run_local_tells(self) -> None:
         """Deliver tells sent by agents during this batch: locally, or to the owner."""
