@@ -67,7 +67,7 @@ class _StateField:
     def __get__(self, instance: Agent | None, owner: type) -> Any:
         if instance is None:
             return self
-        return instance._state[self.name]
+        return instance._state._fields[self.name]  # hot path: one lookup, no call
 
     def __set__(self, instance: Agent, value: object) -> None:
         raise AttributeError(

@@ -98,6 +98,10 @@ class CRDT(ABC):
     def _from_body(cls, body: Any) -> Self:
         """Rebuild from a decoded body; raise DecodeError on anything invalid."""
 
+    def _body_bytes(self) -> bytes:
+        """The packed body; types on hot paths override it to skip building lists."""
+        return pack(self._body())
+
     def to_wire(self) -> list[Any]:
         """The decoded form of :meth:`encode`: ``[type_code, version, body]``."""
         return [self.TYPE_CODE, self.VERSION, self._body()]

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import msgpack
+
 from ._base import CRDT
 from ._codec import pack, unpack
 from ._errors import DecodeError, InvalidValueError, TypeMismatchError
@@ -36,10 +38,15 @@ COMPOSITE_VERSION = 1
 _MAX_FIELDS = 256
 
 
+def _array_header(n: int) -> bytes:
+    header: bytes = msgpack.Packer(autoreset=True).pack_array_header(n)
+    return header
+
+
 class StateSchema:
     """The CRDT fields of an agent type: name -> CRDT class, in a fixed order."""
 
-    __slots__ = ("_fields", "owner")
+    __slots__ = ("_fields", "_head", "_prefixes", "owner")
 
     def __init__(self, fields: Mapping[str, type[CRDT]], owner: str = "<schema>") -> None:
         if len(fields) > _MAX_FIELDS:
@@ -51,6 +58,19 @@ class StateSchema:
                 raise InvalidValueError(f"{owner}.{name}: {cls!r} is not a CRDT type")
         self._fields = dict(sorted(fields.items()))
         self.owner = owner
+        # The constant bytes of a record of this schema, so that encoding a state is
+        # a join of precomputed prefixes and packed field bodies: the same canonical
+        # bytes as packing the nested lists, at a fraction of the cost (hot path).
+        self._head = (
+            b"\x93"
+            + pack(COMPOSITE_CODE)
+            + pack(COMPOSITE_VERSION)
+            + _array_header(len(self._fields))
+        )
+        self._prefixes = [
+            b"\x92" + pack(name) + b"\x93" + pack(cls.TYPE_CODE) + pack(cls.VERSION)
+            for name, cls in self._fields.items()
+        ]
 
     @classmethod
     def from_class(cls, klass: type) -> StateSchema:
@@ -221,6 +241,17 @@ class AgentState:
 
     def encode(self) -> bytes:
         """One canonical record holding every field."""
+        if not self._extra:
+            schema = self._schema
+            if len(schema._prefixes) == 1:
+                for value in self._fields.values():
+                    return schema._head + schema._prefixes[0] + value._body_bytes()
+            return schema._head + b"".join(
+                [
+                    prefix + value._body_bytes()
+                    for prefix, value in zip(schema._prefixes, self._fields.values(), strict=True)
+                ]
+            )
         items = {name: value.to_wire() for name, value in self._fields.items()}
         for name, value in self._extra.items():
             items[name] = value.to_wire()

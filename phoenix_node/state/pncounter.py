@@ -10,7 +10,7 @@ from typing import Any, Self
 
 from ._base import CRDT
 from ._errors import DecodeError, InvalidValueError
-from .gcounter import GCounter
+from .gcounter import GCounter, bump
 
 __all__ = ["PNCounter"]
 
@@ -32,19 +32,28 @@ class PNCounter(CRDT):
 
     def increment(self, replica: str, n: int = 1) -> PNCounter:
         """Add ``n`` (>= 0); returns the delta."""
-        _check_amount("increment", n)
-        return self._emit(self._delta(self._p.increment(replica, n), GCounter()))
+        if type(n) is not int or n < 0:
+            _check_amount("increment", n)
+        delta = PNCounter.__new__(PNCounter)
+        delta._sink = None
+        delta._p = bump(self._p, replica, n)
+        delta._n = GCounter._empty()
+        sink = self._sink
+        if sink is not None:
+            sink(delta)
+        return delta
 
     def decrement(self, replica: str, n: int = 1) -> PNCounter:
         """Subtract ``n`` (>= 0); returns the delta."""
-        _check_amount("decrement", n)
-        return self._emit(self._delta(GCounter(), self._n.increment(replica, n)))
-
-    @staticmethod
-    def _delta(p: GCounter, n: GCounter) -> PNCounter:
+        if type(n) is not int or n < 0:
+            _check_amount("decrement", n)
         delta = PNCounter.__new__(PNCounter)
         delta._sink = None
-        delta._p, delta._n = p, n
+        delta._p = GCounter._empty()
+        delta._n = bump(self._n, replica, n)
+        sink = self._sink
+        if sink is not None:
+            sink(delta)
         return delta
 
     def copy(self) -> Self:
@@ -58,6 +67,9 @@ class PNCounter(CRDT):
 
     def _body(self) -> Any:
         return [self._p._body(), self._n._body()]
+
+    def _body_bytes(self) -> bytes:
+        return b"\x92" + self._p._body_bytes() + self._n._body_bytes()
 
     @classmethod
     def _from_body(cls, body: Any) -> Self:

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phoenix_node.state import CRDT, DecodeError
+from phoenix_node.state._codec import pack
 
 REPLICAS = ("node-a#1", "node-b#1", "node-c#2")
 
@@ -136,6 +137,7 @@ def law_tests(spec: Spec) -> dict[str, Callable[..., None]]:
     def test_encode_decode_round_trip(system: System) -> None:
         for x in (*system.replicas, *system.deltas, system.join()):
             data = x.encode()
+            assert x._body_bytes() == pack(x._body()), "byte fast path differs from the body"
             y = spec.cls.decode(data)
             assert y == x
             assert y.encode() == data
