@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import gc
 import json
 import os
@@ -53,20 +54,21 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from phoenix_node.demo import Counter
-from phoenix_node.state import PNCounter, StateSchema
+from phoenix_node.state import CRDT, GCounter, PNCounter, StateSchema
 from phoenix_node.state.composite import AgentState
 from phoenix_node.state.store import Store
 from workers.host import AgentHost
 
 BATCH = 1000
-TARGET_SCENARIO = "A"
+TARGET_SCENARIO = "A-g"
 TARGET_RATIO = 0.5
 REPLICA = "bench-node#1"
 MAP_SIZE = 256 * 2**20  # the Store's default initial map size
-SCENARIOS = ("baseline", "A", "B", "C")
+SCENARIOS = ("baseline", "A-g", "A", "B", "C")
 DESCRIPTIONS = {
     "baseline": "raw LMDB get/unpackb/inc/packb/put",
-    "A": "Store + cached AgentState (worker path)",
+    "A-g": "as A with a GCounter field: the baseline's data shape",
+    "A": "Store + cached AgentState, PNCounter field (worker path)",
     "B": "Store, load/decode/encode per update",
     "C": "AgentHost.handle + commit (demo Counter)",
 }
@@ -123,8 +125,8 @@ def run_baseline(
     return elapsed, final
 
 
-def _schema() -> StateSchema:
-    return StateSchema({"count": PNCounter}, owner="Bench")
+def _schema(field: type[CRDT] = PNCounter) -> StateSchema:
+    return StateSchema({"count": field}, owner="Bench")
 
 
 def _stored_counts(store: Store, schema: StateSchema) -> dict[str, int]:
@@ -134,9 +136,11 @@ def _stored_counts(store: Store, schema: StateSchema) -> dict[str, int]:
     return final
 
 
-def run_hot(workdir: str, agent_ids: Sequence[str]) -> tuple[tuple[float, float], dict[str, int]]:
+def run_hot(
+    workdir: str, agent_ids: Sequence[str], field: type[CRDT] = PNCounter
+) -> tuple[tuple[float, float], dict[str, int]]:
     """A: states cached after the first load; save each changed agent once per commit."""
-    schema = _schema()
+    schema = _schema(field)
     with Store(workdir, durability="durable") as store:
         cache: dict[str, AgentState] = {}
         changed: dict[str, AgentState] = {}
@@ -222,6 +226,7 @@ def run_host(workdir: str, agent_ids: Sequence[str]) -> tuple[tuple[float, float
 
 RUNNERS: dict[str, Runner] = {
     "baseline": run_baseline,
+    "A-g": functools.partial(run_hot, field=GCounter),
     "A": run_hot,
     "B": run_cold,
     "C": run_host,

@@ -51,7 +51,11 @@ class GCounter(CRDT):
         """Add ``n`` (>= 0) to ``replica``'s entry; returns the delta."""
         if type(n) is not int or n < 0:
             raise InvalidValueError(f"GCounter.increment needs an int n >= 0, got {n!r}")
-        return self._emit(bump(self, replica, n))
+        delta = bump(self, replica, n)
+        sink = self._sink
+        if sink is not None:
+            sink(delta)
+        return delta
 
     def entry(self, replica: str) -> int:
         """``replica``'s own contribution."""

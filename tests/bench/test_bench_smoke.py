@@ -20,7 +20,7 @@ def test_state_bench_runs_and_verifies(tmp_path: Path, capsys: pytest.CaptureFix
     assert state_bench.main([*argv, "--dir", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
 
-    assert set(result["scenarios"]) == {"baseline", "A", "B", "C"}
+    assert set(result["scenarios"]) == {"baseline", "A-g", "A", "B", "C"}
     for name, figures in result["scenarios"].items():
         assert figures["updates_per_s"] > 0, name
         assert figures["ratio"] > 0, name
