@@ -25,9 +25,11 @@ import argparse
 import json
 import os
 import secrets
+import select
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -49,6 +51,7 @@ PAYLOAD: dict[str, Any] = {
 
 _STOP = b"\xc0"  # msgpack nil: tells the echo server to exit
 _PEER_TIMEOUT = 300.0
+_LINE_TIMEOUT = 60.0
 
 
 def peer_cpus() -> tuple[int | None, int | None]:
@@ -66,23 +69,41 @@ class _Peer:
     """One side of a baseline: ``python baselines.py --peer ROLE ...`` in a child."""
 
     def __init__(self, role: str, cpu: int | None, **args: Any) -> None:
+        """The peer runs until it is done and, if it serves, until :meth:`release`."""
         cmd = [sys.executable, os.path.abspath(__file__), "--peer", role]
         if cpu is not None:
             cmd += ["--cpu", str(cpu)]
         for name, value in args.items():
             cmd += [f"--{name.replace('_', '-')}", str(value)]
         self.role = role
+        # Serving peers (the PUSH sender, the echo server) stay up until their stdin
+        # closes: a sender that exits as soon as its last send returns can lose the
+        # last few hundred messages at disconnect, and a lost STOP would hang the run.
         self.proc = subprocess.Popen(
             cmd,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
 
-    def line(self) -> dict[str, Any]:
-        """The next JSON line the peer prints (it prints one per step)."""
+    def line(self, others: Sequence[_Peer] = (), timeout: float = _LINE_TIMEOUT) -> dict[str, Any]:
+        """The next JSON line the peer prints (it prints one per step).
+
+        Bounded: raises if no line comes within ``timeout`` seconds, or at once if
+        one of ``others`` (the peer this one waits for) dies first.
+        """
         assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while not select.select([self.proc.stdout], [], [], 0.2)[0]:
+            for other in others:
+                if other.proc.poll() is not None and other.proc.returncode != 0:
+                    err = other.proc.stderr.read() if other.proc.stderr else ""
+                    raise RuntimeError(
+                        f"baseline peer {other.role} exited {other.proc.returncode}:\n{err}"
+                    )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"baseline peer {self.role} printed nothing in {timeout} s")
         text = self.proc.stdout.readline()
         if not text:
             self.proc.wait(10)
@@ -102,7 +123,16 @@ class _Peer:
             raise RuntimeError(f"baseline peer {self.role} exited {code}:\n{err}")
         self._close_pipes()
 
+    def release(self) -> None:
+        """Close the peer's stdin: a serving peer exits once it sees EOF."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+
     def kill(self) -> None:
+        self.release()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -130,7 +160,8 @@ def raw_push_pull_msgpack(n: int) -> float:
     try:
         receiver.line()  # bound
         sender = _Peer("push", cpu_a, endpoint=endpoint, n=n)
-        result = receiver.line()
+        result = receiver.line(others=[sender])
+        sender.release()
         receiver.finish()
         sender.finish()
         return float(result["rate"])
@@ -157,8 +188,9 @@ def _roundtrips(n: int, in_flight: int, transport: str, latency: bool) -> dict[s
         client = _Peer(
             "dealer", cpu_a, endpoint=endpoint, n=n, in_flight=in_flight, latency=int(latency)
         )
-        result = client.line()
+        result = client.line(others=[server])
         client.finish()
+        server.release()
         server.finish()
         return result
     finally:
@@ -226,7 +258,8 @@ def _peer_push(endpoint: str, n: int) -> None:
     for i in range(n):
         payload["seq"] = i & 0xFFFF
         send(pack(payload))
-    sock.close()  # LINGER -1 (the default): every message is delivered before term()
+    sys.stdin.read()  # until the receiver has reported: see _Peer
+    sock.close()
     ctx.term()
 
 
@@ -239,12 +272,18 @@ def _peer_echo(endpoint: str) -> None:
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.RCVTIMEO, 200)  # to notice stdin EOF (see _Peer) when idle
     sock.bind(endpoint)
     _emit({"endpoint": sock.getsockopt_string(zmq.LAST_ENDPOINT)})
     unpackb, pack = msgpack.unpackb, msgpack.Packer(use_bin_type=True).pack
     recv, send = sock.recv_multipart, sock.send_multipart
     while True:
-        ident, frame = recv()
+        try:
+            ident, frame = recv()
+        except zmq.Again:
+            if select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.read():
+                break
+            continue
         if frame == _STOP:
             break
         request = unpackb(frame)
