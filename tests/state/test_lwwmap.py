@@ -13,11 +13,11 @@ from phoenix_node.state import (
     LWWMap,
     LWWRegister,
     TTLMap,
-    hlc,
 )
 from phoenix_node.state._codec import pack
-from phoenix_node.state.hlc import HybridClock, make_timestamp
+from phoenix_node.state.hlc import make_timestamp
 
+from .conftest import FakeWall
 from .laws import Spec, law_tests
 
 # 0, False, 0.0 and -0.0 are one key in Python (as in a dict): the map must still
@@ -48,22 +48,6 @@ def _apply(m: LWWMap, replica: str, op: tuple[str, Any, Any, tuple[Any, Any]]) -
 
 SPEC = Spec(LWWMap, OPS, _apply, others=[GSet(), LWWRegister(), TTLMap()])
 globals().update(law_tests(SPEC))
-
-
-class FakeWall:
-    def __init__(self, ms: int) -> None:
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-
-@pytest.fixture
-def wall(monkeypatch: pytest.MonkeyPatch) -> FakeWall:
-    """Replace the default clock by one on a fake wall clock."""
-    fake = FakeWall(1_000_000)
-    monkeypatch.setattr(hlc, "DEFAULT_CLOCK", HybridClock(fake))
-    return fake
 
 
 def test_put_get_remove_like_a_dict(wall: FakeWall) -> None:

@@ -16,8 +16,9 @@ from phoenix_node.state import (
     hlc,
 )
 from phoenix_node.state._codec import pack
-from phoenix_node.state.hlc import HybridClock, make_timestamp
+from phoenix_node.state.hlc import make_timestamp
 
+from .conftest import FakeWall
 from .laws import Skip, Spec, law_tests
 
 # 1, 1.0 and True (and 0.0, -0.0) are equal in Python but distinct values here:
@@ -40,22 +41,6 @@ def _set(reg: LWWRegister, replica: str, op: tuple[Any, int | None]) -> LWWRegis
 
 SPEC = Spec(LWWRegister, st.tuples(VALUES, TIMESTAMPS), _set, others=[GCounter(), LWWMap()])
 globals().update(law_tests(SPEC))
-
-
-class FakeWall:
-    def __init__(self, ms: int) -> None:
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-
-@pytest.fixture
-def wall(monkeypatch: pytest.MonkeyPatch) -> FakeWall:
-    """Replace the default clock by one on a fake wall clock."""
-    fake = FakeWall(1_000_000)
-    monkeypatch.setattr(hlc, "DEFAULT_CLOCK", HybridClock(fake))
-    return fake
 
 
 def test_empty_register_reads_none() -> None:

@@ -17,6 +17,7 @@ from phoenix_node.state import (
 from phoenix_node.state._codec import pack
 from phoenix_node.state.hlc import HybridClock, make_timestamp
 
+from .conftest import FakeWall
 from .laws import Skip, Spec, law_tests
 
 KEYS = st.sampled_from([0, 1, 2, "a", "b", ("t", 1)])
@@ -45,22 +46,6 @@ def _apply(m: TTLMap, replica: str, op: tuple[str, Any, Any, int | None, int | N
 
 SPEC = Spec(TTLMap, OPS, _apply, others=[LWWMap(), LWWRegister()])
 globals().update(law_tests(SPEC))
-
-
-class FakeWall:
-    def __init__(self, ms: int) -> None:
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-
-@pytest.fixture
-def wall(monkeypatch: pytest.MonkeyPatch) -> FakeWall:
-    """Replace the default clock by one on a fake wall clock."""
-    fake = FakeWall(1_000_000)
-    monkeypatch.setattr(hlc, "DEFAULT_CLOCK", HybridClock(fake))
-    return fake
 
 
 def test_ttl_expires_on_the_injected_wall_clock(wall: FakeWall) -> None:
