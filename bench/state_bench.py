@@ -151,12 +151,7 @@ def run_hot(
             for agent_id in agent_ids[start : start + BATCH]:
                 state = cache.get(agent_id)
                 if state is None:
-                    raw = store.load_state(agent_id)
-                    state = (
-                        schema.decode(raw, track_deltas=False)
-                        if raw is not None
-                        else schema.new_state(track_deltas=False)
-                    )
+                    state = schema.load(store.load_state(agent_id), track_deltas=False)
                     cache[agent_id] = state
                 state["count"].increment(replica, 1)  # type: ignore[attr-defined]
                 changed[agent_id] = state
@@ -185,12 +180,7 @@ def run_cold(workdir: str, agent_ids: Sequence[str]) -> tuple[tuple[float, float
             for agent_id in agent_ids[start : start + BATCH]:
                 state = pending.get(agent_id)
                 if state is None:
-                    raw = store.load_state(agent_id)
-                    state = (
-                        schema.decode(raw, track_deltas=False)
-                        if raw is not None
-                        else schema.new_state(track_deltas=False)
-                    )
+                    state = schema.load(store.load_state(agent_id), track_deltas=False)
                     pending[agent_id] = state
                 state["count"].increment(replica, 1)  # type: ignore[attr-defined]
                 batch.save_state(agent_id, state.encode())  # a later put of the key wins

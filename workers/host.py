@@ -192,12 +192,7 @@ class AgentHost:
     def _activate(self, agent_id: str, cls: type[Agent]) -> Agent:
         schema = cls.__phoenix_schema__
         try:
-            raw = self.store.load_state(agent_id)
-            state = (
-                schema.decode(raw, track_deltas=False)
-                if raw is not None
-                else schema.new_state(track_deltas=False)
-            )
+            state = schema.load(self.store.load_state(agent_id), track_deltas=False)
         except DecodeError as exc:
             raise _ActivationFailed(
                 ErrorCode.INTERNAL,

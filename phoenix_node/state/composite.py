@@ -112,6 +112,12 @@ class StateSchema:
         """Rebuild a state of this schema from :meth:`AgentState.encode` bytes."""
         return AgentState.decode(data, self, track_deltas=track_deltas)
 
+    def load(self, stored: bytes | None, *, track_deltas: bool = True) -> AgentState:
+        """The state a stored record holds, or a fresh one when nothing was stored."""
+        if stored is None:
+            return AgentState(self, track_deltas=track_deltas)
+        return AgentState.decode(stored, self, track_deltas=track_deltas)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StateSchema) and self._fields == other._fields
 

@@ -75,6 +75,15 @@ def test_encoding_is_the_documented_format_and_round_trips(ops: list[tuple[str, 
     assert again == state and again.value == state.value
 
 
+def test_load_gives_the_stored_state_or_a_fresh_one() -> None:
+    assert SCHEMA.load(None) == SCHEMA.new_state()
+    state = SCHEMA.new_state()
+    state["hits"].increment("r#1", 2)
+    assert SCHEMA.load(state.encode()).value["hits"] == 2
+    with pytest.raises(DecodeError):
+        SCHEMA.load(b"\x00")
+
+
 def test_dirty_flag_and_deltas() -> None:
     state = SCHEMA.new_state()
     assert not state.dirty and state.take_delta() is None
