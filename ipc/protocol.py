@@ -69,8 +69,17 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-ASK, TELL, HELLO, STATUS, REPLY = 1, 2, 3, 4, 16
-_REQUEST_KINDS = frozenset((ASK, TELL, HELLO, STATUS))
+ASK, TELL, HELLO, STATUS, BATCH, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, ADMIN = 1, 2, 3, 4, 5, 6, 7, 8, 9
+REPLY, REPLY_BATCH, EVENT, CREDIT = 16, 17, 18, 19
+_REQUEST_KINDS = frozenset(
+    (ASK, TELL, HELLO, STATUS, BATCH, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, ADMIN)
+)
+BATCH_KINDS = frozenset((ASK, TELL, PUBLISH))
+_REPLY_KINDS = frozenset((REPLY, REPLY_BATCH, EVENT, CREDIT))
+AT_MOST_ONCE, AT_LEAST_ONCE, EXACTLY_ONCE, CAUSAL = 0, 1, 2, 3
+MAX_BATCH = 10_000
+MAX_ATTRS = 32
+MAX_TOPIC = 255
 MAX_HEADER = 4096
 MAX_ROUTES = 8
 MAX_ROUTE_ID = 255
@@ -93,6 +102,19 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 8
     UNSUPPORTED_VERSION = 9
     BAD_RESULT = 10
+    BACKPRESSURE = 11
+    RATE_LIMITED = 12
+
+
+#: errors after which the same message may succeed later: a sender retries these
+RETRYABLE = frozenset(
+    (
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.STORE_FAILED,
+        ErrorCode.BACKPRESSURE,
+        ErrorCode.RATE_LIMITED,
+    )
+)
 
 
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
@@ -143,9 +165,63 @@ def _check_plain(obj: list[Any] | dict[Any, Any], depth: int) -> None:
             raise ProtocolError("msgpack ext type -1 (timestamp) is not allowed")
 
 
-def encode_request(kind: int, corr_id: int, agent_id: str = "", action: str = "") -> bytes:
-    """A request header."""
+def encode_request(
+    kind: int,
+    corr_id: int,
+    agent_id: str = "",
+    action: str = "",
+    delivery: int = AT_MOST_ONCE,
+    attrs: dict[str, Any] | None = None,
+) -> bytes:
+    """A request header; the delivery and attrs elements are sent only when set."""
+    if attrs:
+        return _packer.pack([PROTOCOL_VERSION, kind, corr_id, agent_id, action, delivery, attrs])
+    if delivery:
+        return _packer.pack([PROTOCOL_VERSION, kind, corr_id, agent_id, action, delivery])
     return _packer.pack([PROTOCOL_VERSION, kind, corr_id, agent_id, action])
+
+
+def encode_entry(
+    kind: int,
+    corr_id: int,
+    agent_id: str,
+    action: str,
+    delivery: int,
+    attrs: dict[str, Any] | None,
+    data: bytes,
+) -> bytes:
+    """One entry of a BATCH payload, already msgpack-encoded (so a sender can keep it,
+    e.g. in its outbox, and batch it later with :func:`join_entries`)."""
+    return _packer.pack([kind, corr_id, agent_id, action, delivery, attrs, data])
+
+
+def join_entries(entries: list[bytes]) -> bytes:
+    """A BATCH payload from entries made by :func:`encode_entry` (no re-encoding)."""
+    n = len(entries)
+    if n < 16:
+        head = bytes((0x90 | n,))
+    elif n < 65536:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(entries)
+
+
+def encode_batch_header(defaults: dict[str, Any] | None = None) -> bytes:
+    """The header of a BATCH message; ``defaults`` are attrs every entry inherits."""
+    if defaults:
+        return _packer.pack([PROTOCOL_VERSION, BATCH, 0, "", "", 0, defaults])
+    return _packer.pack([PROTOCOL_VERSION, BATCH, 0, "", ""])
+
+
+def encode_reply_batch(items: list[tuple[int, int, bytes]]) -> bytes:
+    """A REPLY_BATCH payload: ``[corr, status, body]`` triples, bodies msgpack bytes."""
+    return _packer.pack(items)
+
+
+def encode_reply_kind(kind: int, corr_id: int, status: int = 0) -> bytes:
+    """A reply-direction header of any kind (REPLY_BATCH, EVENT, CREDIT)."""
+    return _packer.pack([PROTOCOL_VERSION, kind, corr_id, status])
 
 
 def encode_reply(corr_id: int, status: int = 0) -> bytes:
@@ -189,34 +265,127 @@ def _header_array(frame: bytes) -> list[Any]:
 
 def decode_header(frame: bytes) -> tuple[int, int, str, str]:
     """Decode a request header into ``(kind, corr_id, agent_id, action)``."""
+    return decode_request(frame)[:4]
+
+
+Request = tuple[int, int, str, str, int, dict[str, Any]]
+
+
+def decode_request(frame: bytes) -> Request:
+    """Decode a request header into ``(kind, corr_id, subject, action, delivery, attrs)``."""
     header = _header_array(frame)
     if len(header) < 5:
         raise ProtocolError("request header must be [version, kind, corr_id, agent_id, action]")
-    kind, corr, agent_id, action = header[1], header[2], header[3], header[4]
     try:
-        if type(kind) is not int or kind not in _REQUEST_KINDS:
-            raise ProtocolError(f"unknown message kind {kind!r:.40}")
-        if not isinstance(agent_id, str) or not isinstance(action, str):
-            raise ProtocolError("agent_id and action must be strings")
-        if kind in (ASK, TELL):
-            check_agent_id(agent_id)
-            if not action.isidentifier() or len(action) > MAX_ACTION:
-                raise ProtocolError(f"action {action[:40]!r} is not an identifier of <= 128 chars")
+        return check_fields(header[1], header[2], header[3], header[4], header[5:], _REQUEST_KINDS)
     except ProtocolError as exc:
-        exc.corr_id = corr  # the header got far enough for the sender to be answered
+        exc.corr_id = header[2]  # the header got far enough for the sender to be answered
         raise
-    return kind, corr, agent_id, action
+
+
+def check_fields(
+    kind: Any, corr: Any, subject: Any, action: Any, rest: list[Any], kinds: frozenset[int]
+) -> Request:
+    """Validate the fields of a request header or BATCH entry (``rest`` = the optional
+    ``[delivery, attrs]`` tail); raises ProtocolError(BAD_REQUEST)."""
+    if type(kind) is not int or kind not in kinds:
+        raise ProtocolError(f"unknown message kind {kind!r:.40}")
+    if not isinstance(subject, str) or not isinstance(action, str):
+        raise ProtocolError("agent_id and action must be strings")
+    delivery = rest[0] if rest else AT_MOST_ONCE
+    if type(delivery) is not int or not AT_MOST_ONCE <= delivery <= CAUSAL:
+        raise ProtocolError(f"delivery {delivery!r:.40} is not 0..3")
+    attrs = rest[1] if len(rest) > 1 else None
+    if attrs is None:
+        attrs = {}
+    elif not isinstance(attrs, dict) or len(attrs) > MAX_ATTRS:
+        raise ProtocolError(f"attrs must be a map of at most {MAX_ATTRS} entries")
+    if kind in (ASK, TELL):
+        check_agent_id(subject)
+        if not action.isidentifier() or len(action) > MAX_ACTION:
+            raise ProtocolError(f"action {action[:40]!r} is not an identifier of <= 128 chars")
+    elif kind in (PUBLISH, SUBSCRIBE, UNSUBSCRIBE) and (not subject or len(subject) > MAX_TOPIC):
+        raise ProtocolError(f"topic must be a non-empty str of at most {MAX_TOPIC} chars")
+    if delivery and kind != PUBLISH and not isinstance(attrs.get("source"), str):
+        raise ProtocolError("delivery at_least_once and stronger need a 'source' attribute")
+    return kind, corr, subject, action, delivery, attrs
+
+
+Entry = tuple[int, int, str, str, int, dict[str, Any], bytes]
+
+
+def decode_batch(payload: bytes, defaults: dict[str, Any]) -> list[Entry | ProtocolError]:
+    """The entries of a BATCH payload, each validated on its own.
+
+    A malformed entry becomes a ProtocolError in its place (with ``corr_id`` set when
+    the entry's corr was readable), so the others are still handled. ``defaults`` are
+    the batch header's attrs; an entry's own attrs win.
+    """
+    items = unpack(payload)
+    if not isinstance(items, list) or len(items) > MAX_BATCH:
+        raise ProtocolError(f"BATCH payload must be an array of at most {MAX_BATCH} entries")
+    out: list[Entry | ProtocolError] = []
+    for item in items:
+        corr = 0
+        try:
+            if not isinstance(item, list) or len(item) != 7:
+                raise ProtocolError(
+                    "BATCH entry must be [kind, corr, subject, action, delivery, attrs, data]"
+                )
+            corr = item[1]
+            if type(corr) is not int or not 0 <= corr < _U64:
+                corr = 0
+                raise ProtocolError("corr_id must be an unsigned 64-bit int")
+            data = item[6]
+            if not isinstance(data, bytes):
+                raise ProtocolError("BATCH entry data must be bytes (msgpack bin)")
+            attrs = item[5]
+            if defaults:
+                attrs = {**defaults, **attrs} if isinstance(attrs, dict) else defaults
+            kind, corr, subject, action, delivery, attrs = check_fields(
+                item[0], corr, item[2], item[3], [item[4], attrs], BATCH_KINDS
+            )
+            out.append((kind, corr, subject, action, delivery, attrs, data))
+        except ProtocolError as exc:
+            exc.corr_id = corr
+            out.append(exc)
+    return out
+
+
+def decode_reply_batch(payload: bytes) -> list[tuple[int, int, bytes]]:
+    """The ``(corr, status, body)`` triples of a REPLY_BATCH payload."""
+    items = unpack(payload)
+    if not isinstance(items, list):
+        raise ProtocolError("REPLY_BATCH payload must be an array")
+    for item in items:
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or type(item[0]) is not int
+            or type(item[1]) is not int
+            or not isinstance(item[2], bytes)
+        ):
+            raise ProtocolError("REPLY_BATCH entry must be [corr, status, body]")
+    return items
 
 
 def decode_reply_header(frame: bytes) -> tuple[int, int]:
-    """Decode a reply header into ``(corr_id, status)``."""
+    """Decode a REPLY header into ``(corr_id, status)``."""
+    kind, corr, status = decode_reply_kind(frame)
+    if kind != REPLY:
+        raise ProtocolError(f"expected a reply header, got kind {kind!r}")
+    return corr, status
+
+
+def decode_reply_kind(frame: bytes) -> tuple[int, int, int]:
+    """Decode a reply-direction header into ``(kind, corr_id, status)``."""
     header = _header_array(frame)
-    if type(header[1]) is not int or header[1] != REPLY:
-        raise ProtocolError(f"expected a reply header, got kind {header[1]!r}")
-    status = header[3]
-    if type(header[1]) is not int or type(status) is not int:
+    kind, status = header[1], header[3]
+    if type(kind) is not int or kind not in _REPLY_KINDS:
+        raise ProtocolError(f"expected a reply-direction header, got kind {kind!r:.40}")
+    if type(status) is not int:
         raise ProtocolError("reply status must be an int")
-    return header[2], status
+    return kind, header[2], status
 
 
 def check_agent_id(agent_id: str) -> str:

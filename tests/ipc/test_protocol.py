@@ -86,14 +86,14 @@ def test_limits_are_inclusive() -> None:
 
 
 def test_later_versions_may_append_header_elements() -> None:
-    frame = request(1, ASK, 5, "Counter/a", "inc", "future", {"x": 1})
+    frame = request(1, ASK, 5, "Counter/a", "inc", 0, {}, "future", {"x": 1})
     assert decode_header(frame) == (ASK, 5, "Counter/a", "inc")
     assert decode_reply_header(raw([1, REPLY, 5, 0, "future"])) == (5, 0)
 
 
 def test_header_size_limit_is_exactly_max_header() -> None:
     def padded(n: int) -> bytes:
-        return request(1, ASK, 1, "T/k", "a", "x" * n)
+        return request(1, ASK, 1, "T/k", "a", 0, None, "x" * n)
 
     padding = next(n for n in range(MAX_HEADER) if len(padded(n)) == MAX_HEADER)
     assert decode_header(padded(padding)) == (ASK, 1, "T/k", "a")
@@ -161,7 +161,7 @@ MALFORMED_HEADERS: dict[str, bytes] = {
     "header over 4 KiB": _with(3, "T/" + "k" * 5000),
     # kinds
     "kind 0": _with(1, 0),
-    "kind 5": _with(1, 5),
+    "kind 15": _with(1, 15),
     "kind REPLY as a request": _with(1, REPLY),
     "kind -1": _with(1, -1),
     "kind as str": _with(1, "1"),

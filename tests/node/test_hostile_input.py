@@ -94,7 +94,7 @@ CORPUS: dict[str, Case] = {
     "version 2": _bad([b"", header(2, ASK, CORR, AGENT, "inc"), ARGS], 9),
     "version 0": _bad([b"", header(0, ASK, CORR, AGENT, "inc"), ARGS], 9),
     "version True": _bad([b"", header(True, ASK, CORR, AGENT, "inc"), ARGS], 9),
-    "kind 9": _bad([b"", header(1, 9, CORR, AGENT, "inc"), ARGS]),
+    "kind 15": _bad([b"", header(1, 15, CORR, AGENT, "inc"), ARGS]),
     "kind REPLY": _bad([b"", header(1, 16, CORR, AGENT, "inc"), ARGS]),
     "kind as str": _bad([b"", header(1, "ask", CORR, AGENT, "inc"), ARGS]),
     "negative corr id": _bad([b"", header(1, ASK, -1, AGENT, "inc"), ARGS]),
