@@ -207,11 +207,13 @@ def join_entries(entries: list[bytes]) -> bytes:
     return head + b"".join(entries)
 
 
-def encode_batch_header(defaults: dict[str, Any] | None = None) -> bytes:
-    """The header of a BATCH message; ``defaults`` are attrs every entry inherits."""
+def encode_batch_header(defaults: dict[str, Any] | None = None, hint: str = "") -> bytes:
+    """The header of a BATCH message; ``defaults`` are attrs every entry inherits;
+    ``hint`` (the header's subject) is an agent id or topic a router may route the
+    whole batch by (a worker forwards the entries it does not own)."""
     if defaults:
-        return _packer.pack([PROTOCOL_VERSION, BATCH, 0, "", "", 0, defaults])
-    return _packer.pack([PROTOCOL_VERSION, BATCH, 0, "", ""])
+        return _packer.pack([PROTOCOL_VERSION, BATCH, 0, hint, "", 0, defaults])
+    return _packer.pack([PROTOCOL_VERSION, BATCH, 0, hint, ""])
 
 
 def encode_reply_batch(items: list[tuple[int, int, bytes]]) -> bytes:

@@ -7,6 +7,22 @@ id, as the node computes it), so no process of the node is a hop that every
 message crosses. Pipelined calls (:meth:`Client.ask_many`) keep many asks in
 flight for throughput.
 
+Delivery guarantees are chosen per call (``delivery=`` beside ``timeout``):
+``at_most_once`` (the default), ``at_least_once`` (the message is kept in the
+client's outbox until the worker acknowledges it after its commit, re-sent
+with exponential backoff and jitter, then dead-lettered), ``exactly_once``
+(the same, and the worker drops duplicates by ``(source, corr)``) and
+``causal``. The outbox lives in memory unless ``outbox=`` names a directory:
+then it is an LMDB store, and messages a crashed client had not seen
+acknowledged are sent again by the next client opened on that directory.
+Guaranteed messages are re-sent only while the client is being called:
+:meth:`Client.flush` waits until every one was acknowledged.
+
+Flow control: the client keeps at most ``window`` messages per worker that
+the worker has not yet credited back (a worker credits a message once it ran,
+refused or dropped it), so a fast client slows down instead of filling a slow
+worker's memory.
+
 A client is not thread-safe: use one per thread. It must not cross a fork.
 Pending asks never outlive their timeout; an ask held by a worker that
 disconnects fails early with :class:`WorkerLostError` (the action may or may
@@ -18,7 +34,11 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterable, Mapping
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -26,34 +46,68 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ipc import make_dealer
 from ipc.protocol import (
+    ADMIN,
     ASK,
+    AT_MOST_ONCE,
+    CAUSAL,
+    CREDIT,
+    EVENT,
     HELLO,
     MAX_ACTION,
+    PUBLISH,
+    REPLY,
+    REPLY_BATCH,
+    RETRYABLE,
     STATUS,
+    SUBSCRIBE,
     TELL,
+    UNSUBSCRIBE,
     ProtocolError,
     check_agent_id,
-    decode_reply_header,
+    decode_reply_batch,
+    decode_reply_kind,
+    encode_batch_header,
+    encode_entry,
     encode_request,
+    join_entries,
     pack,
     split_envelope,
     unpack,
 )
+from workers.causal import CausalClock
 from workers.placement import owner_index
+from workers.topics import check_pattern, check_topic
 
+from .delivery import Outbox, RetryPolicy, parse_delivery
 from .errors import (
     AskTimeoutError,
+    BackpressureError,
     ClientClosedError,
     InvalidRequestError,
     NodeUnreachableError,
+    NotAcknowledgedError,
     PhoenixError,
     WorkerLostError,
     error_from_reply,
 )
+from .state.store import Store
 
-__all__ = ["Client"]
+__all__ = ["Client", "Event"]
 
 _MISSING = object()
+_PLAIN_CORR = 2**63  # corr ids of unguaranteed messages; outbox ids stay below
+_FRONT = -1
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event delivered to a subscribed client."""
+
+    topic: str
+    data: Any
+    source: str
+    id: str
+    subscription: str
 
 
 class Client:
@@ -66,15 +120,25 @@ class Client:
         timeout: float = 10.0,
         route: bool = True,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        outbox: str | None = None,
+        retry: RetryPolicy | None = None,
+        window: int = 10_000,
+        batch_size: int = 1000,
     ) -> None:
-        """``route=False`` sends everything through the node endpoint (one extra hop)."""
+        """``route=False`` sends everything through the node endpoint (one extra hop).
+        ``outbox``: a directory for a durable outbox (LMDB); None keeps it in memory.
+        ``window``: messages per worker not yet credited back before sends wait."""
+        if not isinstance(window, int) or window < 1:
+            raise InvalidRequestError(f"window must be a positive int, got {window!r}")
         self.endpoint = endpoint
         self.timeout = timeout
         self.route = route
+        self.window = window
+        self.batch_size = batch_size
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
         self._pid = os.getpid()
-        self._corr = itertools.count(1)
+        self._corr = itertools.count(_PLAIN_CORR)
         self._front: zmq.Socket[bytes] | None = None
         self._workers: list[zmq.Socket[bytes]] = []
         self._monitors: dict[zmq.Socket[bytes], int] = {}
@@ -82,28 +146,111 @@ class Client:
         self._pending: dict[int, int] = {}  # corr -> worker index (-1: via the node endpoint)
         self._results: dict[int, tuple[int, Any]] = {}
         self._lost: set[int] = set()
+        self._inflight: dict[int, int] = {}  # worker index -> messages not credited back
+        self._events: deque[Event] = deque()
+        self._subscriptions: dict[int, str] = {}  # subscription corr -> pattern
         self.topology: dict[str, Any] = {}
         self.late_replies = 0
         self._closed = False
+        self._store = Store(outbox) if outbox is not None else None
+        self.source = self._load_source()
+        self._outbox = Outbox(self._store, b"client", retry)
+        self._outbox.load()
+        self._clock = CausalClock(self.source)
+        self._batch_header = encode_batch_header({"source": self.source})
+
+    def _load_source(self) -> str:
+        """The CloudEvents ``source`` of this client's messages: it scopes their ids for
+        the receivers' dedup, so a durable outbox keeps it across restarts."""
+        if self._store is not None:
+            raw = self._store.get("meta", b"client.source")
+            if raw is not None:
+                return raw.decode()
+        source = f"phoenix://client/{uuid.uuid4().hex}"
+        if self._store is not None:
+            batch = self._store.batch()
+            batch.put("meta", b"client.source", source.encode())
+            self._store.commit(batch)
+        return source
 
     # --- public API -------------------------------------------------------------------
 
-    def tell(self, agent_id: str, action: str, **kwargs: Any) -> None:
-        """Fire-and-forget: returns once the message is handed to the transport."""
-        sock, _ = self._target(agent_id)
-        header = encode_request(TELL, next(self._corr), agent_id, _check_action(action))
-        self._send(sock, [b"", header, _pack_kwargs(kwargs)])
+    def tell(
+        self, agent_id: str, action: str, *, delivery: str = "at_most_once", **kwargs: Any
+    ) -> None:
+        """Send ``action`` to ``agent_id`` without waiting for its result.
+
+        ``at_most_once`` returns once the message is handed to the transport; with a
+        guarantee it returns once the message is in the outbox (and sent): call
+        :meth:`flush` to wait for the acknowledgements.
+        """
+        self.tell_many([(agent_id, action, kwargs)], delivery=delivery)
+
+    def tell_many(
+        self, calls: Iterable[tuple[str, str, Mapping[str, Any]]], *, delivery: str = "at_most_once"
+    ) -> int:
+        """Send many tells, batched per worker (one frame per worker per ``batch_size``
+        messages); returns how many were sent."""
+        code = self._delivery(delivery)
+        n = 0
+        if code == AT_MOST_ONCE:
+            per_worker: dict[int, list[bytes]] = {}
+            hints: dict[int, str] = {}
+            for agent_id, action, kw in calls:
+                index = self._target(agent_id)
+                entry = encode_entry(
+                    TELL, next(self._corr), agent_id, _check_action(action), 0, None,
+                    _pack_kwargs(kw),
+                )  # fmt: skip
+                entries = per_worker.setdefault(index, [])
+                entries.append(entry)
+                n += 1
+                if len(entries) >= self.batch_size:
+                    self._send_batch(index, entries, agent_id)
+                    per_worker[index] = []
+                hints[index] = agent_id
+            for index, entries in per_worker.items():
+                if entries:
+                    self._send_batch(index, entries, hints[index])
+            return n
+        for agent_id, action, kw in calls:
+            self._stage(TELL, agent_id, _check_action(action), code, _pack_kwargs(kw))
+            n += 1
+            if n % self.batch_size == 0:
+                self._commit_and_send()
+        self._commit_and_send()
+        return n
 
     def ask(
-        self, agent_id: str, action: str, *, timeout: float | None = None, **kwargs: Any
+        self,
+        agent_id: str,
+        action: str,
+        *,
+        timeout: float | None = None,
+        delivery: str = "at_most_once",
+        **kwargs: Any,
     ) -> Any:
-        """Run ``action`` on ``agent_id`` and return its result, or raise its error."""
-        corr = self._send_ask(agent_id, action, kwargs)
+        """Run ``action`` on ``agent_id`` and return its result, or raise its error.
+
+        With a guarantee the ask is re-sent (same id) until a reply arrives or the
+        timeout passes; with ``exactly_once`` a re-sent ask that already ran gets the
+        stored reply instead of running again.
+        """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        code = self._delivery(delivery)
+        if code == AT_MOST_ONCE:
+            corr = self._send_ask(agent_id, action, kwargs)
+        else:
+            corr = self._stage(ASK, agent_id, _check_action(action), code, _pack_kwargs(kwargs))
+            self._commit_and_send()
         return self._take(corr, deadline, agent_id, action)
 
     def ask_many(
-        self, calls: Iterable[tuple[str, str, Mapping[str, Any]]], *, timeout: float | None = None
+        self,
+        calls: Iterable[tuple[str, str, Mapping[str, Any]]],
+        *,
+        timeout: float | None = None,
+        delivery: str = "at_most_once",
     ) -> list[Any]:
         """Pipelined asks: every call is sent before any reply is awaited.
 
@@ -112,7 +259,33 @@ class Client:
         failure; the timeout covers the whole batch.
         """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        sent = [(self._send_ask(a, act, dict(kw)), a, act) for a, act, kw in calls]
+        code = self._delivery(delivery)
+        sent: list[tuple[int, str, str]] = []
+        if code == AT_MOST_ONCE:
+            per_worker: dict[int, list[bytes]] = {}
+            hints: dict[int, str] = {}
+            for agent_id, action, kw in calls:
+                index = self._target(agent_id)
+                corr = next(self._corr)
+                entries = per_worker.setdefault(index, [])
+                entries.append(
+                    encode_entry(ASK, corr, agent_id, _check_action(action), 0, None,
+                                 _pack_kwargs(kw))
+                )  # fmt: skip
+                self._pending[corr] = index
+                sent.append((corr, agent_id, action))
+                hints[index] = agent_id
+                if len(entries) >= self.batch_size:
+                    self._send_batch(index, entries, agent_id)
+                    per_worker[index] = []
+            for index, entries in per_worker.items():
+                if entries:
+                    self._send_batch(index, entries, hints[index])
+        else:
+            for agent_id, action, kw in calls:
+                corr = self._stage(ASK, agent_id, _check_action(action), code, _pack_kwargs(kw))
+                sent.append((corr, agent_id, action))
+            self._commit_and_send()
         out: list[Any] = []
         for corr, agent_id, action in sent:
             try:
@@ -121,18 +294,164 @@ class Client:
                 out.append(exc)
         return out
 
+    def publish(self, topic: str, data: Any = None, *, delivery: str = "at_most_once") -> None:
+        """Publish ``data`` on ``topic``; every matching subscription of the node gets
+        it. With a guarantee the publish is acknowledged once the node stored the
+        fan-out in its outbox (each subscription then gets it with its own guarantee)."""
+        try:
+            check_topic(topic)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(str(exc)) from None
+        code = self._delivery(delivery)
+        if code == AT_MOST_ONCE:
+            index = self._target_topic(topic)
+            entry = encode_entry(PUBLISH, next(self._corr), topic, "", 0, None, _pack_value(data))
+            self._send_batch(index, [entry], topic)
+            return
+        self._stage(PUBLISH, topic, "", code, _pack_value(data))
+        self._commit_and_send()
+
+    def subscribe(self, pattern: str, *, timeout: float | None = None) -> str:
+        """Subscribe this client to ``pattern`` (``*`` one segment, ``#`` any tail) on
+        every worker; events arrive through :meth:`events`. At most once: events
+        published while the client does not read are dropped at the publisher when
+        its queue towards this client is full."""
+        self._check_pattern(pattern)
+        self._ensure_topology()
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        corrs = []
+        for index in self._indices():
+            corr = next(self._corr)
+            self._subscriptions[corr] = pattern
+            self._request(index, SUBSCRIBE, corr, pattern, "", {})
+            corrs.append(corr)
+        for corr in corrs:
+            self._take(corr, deadline, pattern, "subscribe")
+        return pattern
+
+    def unsubscribe(self, pattern: str, *, timeout: float | None = None) -> None:
+        """Stop this client's subscription to ``pattern``."""
+        self._check_pattern(pattern)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        corrs = []
+        for index in self._indices():
+            corr = next(self._corr)
+            self._request(index, UNSUBSCRIBE, corr, pattern, "", {})
+            corrs.append(corr)
+        for corr in corrs:
+            self._take(corr, deadline, pattern, "unsubscribe")
+        for corr in [c for c, p in self._subscriptions.items() if p == pattern]:
+            del self._subscriptions[corr]
+
+    def subscribe_agent(
+        self,
+        pattern: str,
+        agent_id: str,
+        action: str = "on_event",
+        *,
+        delivery: str = "at_least_once",
+        timeout: float | None = None,
+    ) -> None:
+        """Subscribe an agent: each matching event calls ``action(topic=, data=)`` on it
+        with the given guarantee. Stored with the node (survives restarts)."""
+        self._check_pattern(pattern)
+        self._target(agent_id)
+        code = self._delivery(delivery)
+        attrs = {"phoenixagent": agent_id, "phoenixsubdelivery": code}
+        self._admin_call(SUBSCRIBE, pattern, _check_action(action), attrs, timeout)
+
+    def unsubscribe_agent(
+        self, pattern: str, agent_id: str, *, timeout: float | None = None
+    ) -> None:
+        self._check_pattern(pattern)
+        self._target(agent_id)
+        self._admin_call(UNSUBSCRIBE, pattern, "", {"phoenixagent": agent_id}, timeout)
+
+    def events(self, timeout: float = 0.0) -> Iterator[Event]:
+        """Events received for this client's subscriptions: those already here, then
+        those that arrive within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self._events:
+                yield self._events.popleft()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._poll(0)
+                if not self._events:
+                    return
+                continue
+            self._poll(remaining)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every guaranteed message was acknowledged (re-sending as needed);
+        raises :class:`NotAcknowledgedError` if some are still waiting at the timeout
+        (they stay in the outbox)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while self._outbox.pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NotAcknowledgedError(
+                    f"{self._outbox.pending} message(s) not acknowledged within the timeout"
+                )
+            self._poll(min(remaining, 0.05))
+            self._commit_and_send()
+
+    @property
+    def unacknowledged(self) -> int:
+        """Guaranteed messages sent and not yet acknowledged."""
+        return self._outbox.pending
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Messages this client gave up on after the maximum retries, or that failed at
+        the receiver for good (for example an unknown action)."""
+        return [_describe_dead(d) for d in self._outbox.dead_letters(limit)]
+
+    def replay_dead_letters(self, ids: Iterable[int] | None = None) -> int:
+        """Put dead letters back into the outbox (attempts reset); returns how many."""
+        n = self._outbox.replay(None if ids is None else list(ids))
+        self._commit_and_send()
+        return n
+
+    def node_dead_letters(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The dead letters of the node's agents (messages they sent that were never
+        acknowledged), from every worker."""
+        out: list[dict[str, Any]] = []
+        for result in self._admin_all("dead_letters", timeout):
+            out.extend(result)
+        return out
+
+    def replay_node_dead_letters(self, *, timeout: float | None = None) -> int:
+        """Send the node's dead letters again; returns how many were replayed."""
+        return sum(self._admin_all("replay_dead_letters", timeout))
+
+    def worker_stats(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Each worker's messaging counters (queued, outbox, refused, duplicates...)."""
+        return self._admin_all("stats", timeout)
+
     def status(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The node's status: workers (pid, CPU, state, agents, messages, restarts)."""
         front = self._ensure_front()
         corr = next(self._corr)
-        self._pending[corr] = -1
+        self._pending[corr] = _FRONT
         self._send(front, [b"", encode_request(STATUS, corr), b""])
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         result: dict[str, Any] = self._take(corr, deadline, "", "status", unreachable=True)
         return result
 
+    @contextmanager
+    def batch(self) -> Iterator[Client]:
+        """Hold guaranteed messages and send them together when the block ends."""
+        self._holding = getattr(self, "_holding", 0) + 1
+        try:
+            yield self
+        finally:
+            self._holding -= 1
+            if not self._holding:
+                self._commit_and_send()
+
     def close(self) -> None:
-        """Close every socket (pending asks are abandoned)."""
+        """Close every socket (pending asks are abandoned; unacknowledged messages stay
+        in a durable outbox for the next client on that directory)."""
         if self._closed:
             return
         self._closed = True
@@ -149,6 +468,9 @@ class Client:
             self._front.close(linger=linger_ms)
         if self._own_ctx:
             self._ctx.term()
+        if self._store is not None:
+            self._commit()
+            self._store.close()
 
     def __enter__(self) -> Client:
         return self
@@ -173,10 +495,14 @@ class Client:
             self._front = front
         return self._front
 
+    def _ensure_topology(self) -> None:
+        if self.route and not self.topology:
+            self._connect()
+
     def _connect(self) -> None:
         front = self._ensure_front()
         corr = next(self._corr)
-        self._pending[corr] = -1
+        self._pending[corr] = _FRONT
         self._send(front, [b"", encode_request(HELLO, corr), b""])
         hello = self._take(corr, time.monotonic() + self.timeout, "", "hello", unreachable=True)
         if not isinstance(hello, dict) or not isinstance(hello.get("workers"), list):
@@ -196,7 +522,14 @@ class Client:
             self._poller.register(sock, zmq.POLLIN)
             self._workers.append(sock)
 
-    def _target(self, agent_id: str) -> tuple[zmq.Socket[bytes], int]:
+    def _indices(self) -> list[int]:
+        """Every socket a subscription must reach: each worker, or the node endpoint."""
+        if not self.route or not self.topology:
+            return [_FRONT]
+        return [i if w is not None else _FRONT for i, w in enumerate(self.topology["workers"])]
+
+    def _target(self, agent_id: str) -> int:
+        """The index of the worker that owns ``agent_id`` (-1: the node endpoint)."""
         self._check_open()
         if not isinstance(agent_id, str):
             raise InvalidRequestError(f"agent id must be a str, got {type(agent_id).__name__}")
@@ -204,23 +537,140 @@ class Client:
             check_agent_id(agent_id)
         except ProtocolError as exc:
             raise InvalidRequestError(str(exc)) from None
+        return self._index_for(agent_id)
+
+    def _target_topic(self, topic: str) -> int:
+        self._check_open()
+        return self._index_for(topic)
+
+    def _index_for(self, key: str) -> int:
         if not self.route:
-            return self._ensure_front(), -1
+            return _FRONT
         if not self.topology:
             self._connect()
         workers = self.topology["workers"]
-        index = owner_index(agent_id, len(workers))
+        index = owner_index(key, len(workers))
         if workers[index] is None:
-            return self._ensure_front(), -1  # that worker has not reported yet: go via the node
-        return self._workers[index], index
+            return _FRONT  # that worker has not reported yet: go via the node
+        return index
+
+    def _socket(self, index: int) -> zmq.Socket[bytes]:
+        return self._ensure_front() if index == _FRONT else self._workers[index]
+
+    def _delivery(self, delivery: str) -> int:
+        try:
+            return int(parse_delivery(delivery))
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(str(exc)) from None
+
+    def _check_pattern(self, pattern: str) -> None:
+        try:
+            check_pattern(pattern)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(str(exc)) from None
+
+    # --- sending ----------------------------------------------------------------------
 
     def _send_ask(self, agent_id: str, action: str, kwargs: Mapping[str, Any]) -> int:
-        sock, index = self._target(agent_id)
+        index = self._target(agent_id)
         corr = next(self._corr)
         header = encode_request(ASK, corr, agent_id, _check_action(action))
-        self._send(sock, [b"", header, _pack_kwargs(kwargs)])
+        self._send_counted(index, [b"", header, _pack_kwargs(kwargs)], 1)
         self._pending[corr] = index
         return corr
+
+    def _request(
+        self, index: int, kind: int, corr: int, subject: str, action: str, attrs: dict[str, Any]
+    ) -> None:
+        self._pending[corr] = index
+        header = encode_request(kind, corr, subject, action, 0, attrs)
+        self._send_counted(index, [b"", header, b""], 1)
+
+    def _admin_call(
+        self, kind: int, subject: str, action: str, attrs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        index = self._index_for(attrs.get("phoenixagent", subject)) if self.route else _FRONT
+        corr = next(self._corr)
+        self._request(index, kind, corr, subject, action, attrs)
+        return self._take(corr, deadline, subject, action or "admin")
+
+    def _admin_all(self, operation: str, timeout: float | None) -> list[Any]:
+        self._ensure_topology()
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        corrs = []
+        for index in self._indices():
+            corr = next(self._corr)
+            self._request(index, ADMIN, corr, "", operation, {})
+            corrs.append(corr)
+        return [self._take(c, deadline, "", operation) for c in corrs]
+
+    def _send_batch(self, index: int, entries: list[bytes], hint: str = "") -> None:
+        if index == _FRONT:
+            header = encode_batch_header({"source": self.source}, hint)
+        else:
+            header = self._batch_header
+        frames = [b"", header, join_entries(entries)]
+        self._send_counted(index, frames, len(entries))
+
+    def _stage(self, kind: int, subject: str, action: str, delivery: int, data: bytes) -> int:
+        """Put a guaranteed message into the outbox (sent by :meth:`_commit_and_send`)."""
+        index = self._target_topic(subject) if kind == PUBLISH else self._target(subject)
+        corr = self._outbox.next_id()
+        attrs = None
+        if delivery == CAUSAL and kind != PUBLISH:
+            attrs = {"phoenixcausal": self._clock.stamp(subject)}
+        entry = encode_entry(kind, corr, subject, action, delivery, attrs, data)
+        self._outbox.add(corr, str(index), entry)
+        if kind == ASK:
+            self._pending[corr] = index
+        return corr
+
+    def _commit(self) -> None:
+        if self._store is None:
+            return
+        batch = self._store.batch()
+        self._outbox.stage(batch)
+        if len(batch):
+            self._store.commit(batch)
+            self._outbox.committed()
+
+    def _commit_and_send(self) -> None:
+        """Make staged outbox changes durable, then send what is due, batched."""
+        if getattr(self, "_holding", 0):
+            return
+        self._commit()
+        due = self._outbox.due()
+        if not due:
+            return
+        per_worker: dict[int, list[bytes]] = {}
+        hints: dict[int, str] = {}
+        for entry in due:
+            kind, _, subject = _entry_head(entry.data)
+            index = self._target_topic(subject) if kind == PUBLISH else self._index_for(subject)
+            per_worker.setdefault(index, []).append(entry.data)
+            hints[index] = subject
+            self._outbox.sent(entry)
+        for index, entries in per_worker.items():
+            for i in range(0, len(entries), self.batch_size):
+                self._send_batch(index, entries[i : i + self.batch_size], hints[index])
+        self._commit()  # dead letters moved by due()
+
+    def _send_counted(self, index: int, frames: list[bytes], n: int) -> None:
+        """Send, keeping at most ``window`` uncredited messages per socket."""
+        inflight = self._inflight.get(index, 0)
+        if inflight and inflight + n > self.window:
+            deadline = time.monotonic() + self.timeout
+            while self._inflight.get(index, 0) and self._inflight.get(index, 0) + n > self.window:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BackpressureError(
+                        f"{self.window} messages to worker {index} not consumed within "
+                        f"{self.timeout} s: the node is overloaded"
+                    )
+                self._poll(remaining)
+        self._send(self._socket(index), frames)
+        self._inflight[index] = self._inflight.get(index, 0) + n
 
     def _send(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
         try:
@@ -240,53 +690,86 @@ class Client:
     def _take(
         self, corr: int, deadline: float, agent_id: str, action: str, unreachable: bool = False
     ) -> Any:
+        guaranteed = corr < _PLAIN_CORR
         while corr not in self._results:
             if corr in self._lost:
                 self._lost.discard(corr)
-                self._pending.pop(corr, None)
-                raise WorkerLostError(
-                    f"the worker holding {agent_id}.{action} disconnected; "
-                    "the action may or may not have run",
-                    agent=agent_id,
-                    action=action,
-                )
+                if not guaranteed:
+                    self._pending.pop(corr, None)
+                    raise WorkerLostError(
+                        f"the worker holding {agent_id}.{action} disconnected; "
+                        "the action may or may not have run",
+                        agent=agent_id,
+                        action=action,
+                    )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._pending.pop(corr, None)
                 if unreachable:
                     raise NodeUnreachableError(f"no answer from {self.endpoint}")
                 raise AskTimeoutError(f"no reply to {agent_id}.{action} from {self.endpoint}")
-            self._poll(remaining)
+            if guaranteed:
+                self._poll(min(remaining, 0.05))
+                self._commit_and_send()  # re-sends what is due
+            else:
+                self._poll(remaining)
         status, payload = self._results.pop(corr)
         if status != 0:
             raise error_from_reply(status, payload)
         return payload
 
     def _poll(self, remaining: float) -> None:
-        for sock, _ in self._poller.poll(max(1, int(remaining * 1000))):
+        for sock, _ in self._poller.poll(max(0, int(remaining * 1000))):
             assert isinstance(sock, zmq.Socket)
             if sock in self._monitors:
                 self._on_monitor(sock)
                 continue
+            index = _FRONT if sock is self._front else self._workers.index(sock)
             while True:
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._on_reply(frames)
+                self._on_reply(index, frames)
 
-    def _on_reply(self, frames: list[bytes]) -> None:
+    def _on_reply(self, index: int, frames: list[bytes]) -> None:
         try:
             _, header, payload = split_envelope(frames)
-            corr, status = decode_reply_header(header)
-            body = unpack(payload) if payload else None
+            kind, corr, status = decode_reply_kind(header)
+            if kind == REPLY:
+                self._on_result(corr, status, payload)
+            elif kind == REPLY_BATCH:
+                for c, st, body in decode_reply_batch(payload):
+                    self._on_result(c, st, body)
+            elif kind == CREDIT:
+                self._inflight[index] = max(0, self._inflight.get(index, 0) - corr)
+            elif kind == EVENT:
+                self._on_event(corr, payload)
         except ProtocolError:
             self.late_replies += 1
-            return
+
+    def _on_result(self, corr: int, status: int, payload: bytes) -> None:
+        if corr < _PLAIN_CORR:
+            if status in RETRYABLE:
+                return  # stays in the outbox: sent again after the backoff
+            if status == 0 or corr in self._pending:
+                self._outbox.ack(corr)  # an ask's caller gets the error itself
+            else:
+                error = error_from_reply(status, _unpack_body(payload))
+                self._outbox.reject(corr, f"{type(error).__name__}: {error}")
         if self._pending.pop(corr, _MISSING) is _MISSING:
-            self.late_replies += 1  # its ask already timed out
+            if corr >= _PLAIN_CORR:
+                self.late_replies += 1  # its ask already timed out
             return
-        self._results[corr] = (status, body)
+        self._results[corr] = (status, _unpack_body(payload))
+
+    def _on_event(self, sub_corr: int, payload: bytes) -> None:
+        pattern = self._subscriptions.get(sub_corr)
+        if pattern is None:
+            self.late_replies += 1
+            return
+        topic, source, event_id, data = unpack(payload)
+        self._events.append(Event(topic, unpack(data) if data else None, source, event_id, pattern))
 
     def _on_monitor(self, monitor: zmq.Socket[bytes]) -> None:
         index = self._monitors[monitor]
@@ -294,6 +777,26 @@ class Client:
             event = recv_monitor_message(monitor)
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self._lost.update(c for c, i in self._pending.items() if i == index)
+                self._inflight[index] = 0  # what it held will never be credited
+
+
+def _entry_head(data: bytes) -> tuple[int, int, str]:
+    kind, corr, subject, *_ = unpack(data)
+    return kind, corr, subject
+
+
+def _describe_dead(dead: Any) -> dict[str, Any]:
+    kind, _corr, subject, action, delivery, *_ = unpack(dead.data)
+    return {"id": dead.msg_id, "agent": subject, "action": action, "kind": kind,
+            "delivery": delivery, "attempts": dead.attempts, "reason": dead.reason,
+            "time": dead.time}  # fmt: skip
+
+
+def _unpack_body(payload: bytes) -> Any:
+    try:
+        return unpack(payload) if payload else None
+    except ProtocolError:
+        return None
 
 
 def _check_action(action: str) -> str:
@@ -307,3 +810,10 @@ def _pack_kwargs(kwargs: Mapping[str, Any]) -> bytes:
         return pack(dict(kwargs))
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidRequestError(f"arguments cannot be sent: {exc}") from None
+
+
+def _pack_value(value: Any) -> bytes:
+    try:
+        return pack(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRequestError(f"data cannot be sent: {exc}") from None

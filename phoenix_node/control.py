@@ -30,11 +30,12 @@ import zmq
 
 from ipc import bindable, make_dealer, make_router, worker_ipc_endpoint
 from ipc.protocol import (
-    ASK,
     HELLO,
     PROTOCOL_VERSION,
     STATUS,
+    SUBSCRIBE,
     TELL,
+    UNSUBSCRIBE,
     ErrorCode,
     ProtocolError,
     decode_header,
@@ -167,13 +168,24 @@ class _Control:
             self._answer(stack, corr, self._topology())
         elif kind == STATUS:
             self._answer(stack, corr, self._status())
-        elif kind in (ASK, TELL):
-            back = self.backs[owner_index(agent_id, self.spec.workers)]
+        elif kind in (SUBSCRIBE, UNSUBSCRIBE) and b"phoenixagent" not in header:
+            # A client's own subscription must reach every worker (any of them may
+            # handle a publish); the client takes the first answer.
+            for back in self.backs:
+                try:
+                    back.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            self.forwarded += 1
+        else:
+            # ASK/TELL go to the owner; a BATCH to the owner of its routing hint (the
+            # subject of the header: the worker re-forwards entries it does not own).
+            back = self.backs[owner_index(agent_id, self.spec.workers) if agent_id else 0]
             try:
                 back.send_multipart(frames, zmq.NOBLOCK)
                 self.forwarded += 1
             except zmq.Again:
-                if kind == ASK:
+                if kind != TELL:
                     self._send(
                         [
                             *stack,

@@ -552,6 +552,16 @@ class Outbox:
             self._table.delete(self._key(b"m", msg_id))
         return True
 
+    def reject(self, msg_id: int, reason: str) -> bool:
+        """The receiver refused the message for good (an unknown action, an action that
+        raised...): move it to the dead letters with ``reason``; False if not pending."""
+        _check_msg_id(msg_id)
+        entry = self._entries.get(msg_id)
+        if entry is None:
+            return False
+        self._kill(entry, reason)
+        return True
+
     def _kill(self, entry: OutboxEntry, reason: str) -> None:
         del self._entries[entry.msg_id]
         letter = DeadLetter(

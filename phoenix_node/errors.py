@@ -16,6 +16,7 @@ __all__ = [
     "ERRORS_BY_CODE",
     "ActionFailedError",
     "AskTimeoutError",
+    "BackpressureError",
     "BadArgumentsError",
     "BadRequestError",
     "BadResultError",
@@ -23,7 +24,9 @@ __all__ = [
     "InternalError",
     "InvalidRequestError",
     "NodeUnreachableError",
+    "NotAcknowledgedError",
     "PhoenixError",
+    "RateLimitedError",
     "RemoteError",
     "StoreFailedError",
     "UnavailableError",
@@ -120,6 +123,23 @@ class BadResultError(RemoteError):
     code = ErrorCode.BAD_RESULT
 
 
+class BackpressureError(RemoteError):
+    """The receiver's mailbox is full (or the sender's window is used up): retry later."""
+
+    code = ErrorCode.BACKPRESSURE
+
+
+class RateLimitedError(RemoteError):
+    """The sender or the agent is over its rate limit: retry later."""
+
+    code = ErrorCode.RATE_LIMITED
+
+
+class NotAcknowledgedError(PhoenixError, TimeoutError):
+    """``flush`` timed out with guaranteed messages still waiting for their ack (they
+    stay in the outbox and are sent again on the next call)."""
+
+
 ERRORS_BY_CODE: dict[int, type[RemoteError]] = {
     cls.code: cls
     for cls in (
@@ -133,6 +153,8 @@ ERRORS_BY_CODE: dict[int, type[RemoteError]] = {
         InternalError,
         UnsupportedVersionError,
         BadResultError,
+        BackpressureError,
+        RateLimitedError,
     )
 }
 

@@ -34,9 +34,13 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from ipc.protocol import PUBLISH, SUBSCRIBE, TELL, UNSUBSCRIBE, ProtocolError, check_agent_id
 from phoenix_node.state import CRDT, AgentState, StateError, StateSchema
 
 from ._errors import PluginError
+from .mailbox import MailboxPolicy
+from .ratelimit import RateLimit
+from .topics import check_pattern, check_topic
 
 if TYPE_CHECKING:
     from .host import AgentContext
@@ -83,8 +87,17 @@ class Agent:
     type_name: ClassVar[str]
     #: seconds without messages before passivation; None means the node's default
     idle_timeout: ClassVar[float | None] = None
+    #: the mailbox of each agent of this type: a dict like ``{"capacity": 1000,
+    #: "strategy": "drop_oldest"}`` (see :class:`workers.mailbox.MailboxPolicy`);
+    #: None means the node's default (bounded, rejecting with BACKPRESSURE when full)
+    mailbox: ClassVar[Any] = None
+    #: a token-bucket rate limit per agent of this type, e.g. ``"100/s"`` or
+    #: ``{"rate": 100, "burst": 20}``; messages over it wait in the mailbox
+    rate_limit: ClassVar[Any] = None
     __phoenix_schema__: ClassVar[StateSchema]
     __phoenix_actions__: ClassVar[dict[str, Callable[..., Any]]]
+    __phoenix_mailbox__: ClassVar[MailboxPolicy | None] = None
+    __phoenix_rate__: ClassVar[RateLimit | None] = None
 
     _state: AgentState
     _ctx: AgentContext
@@ -139,13 +152,43 @@ class Agent:
         """The composite state holding every declared field."""
         return self._state
 
-    def tell(self, agent_id: str, action_name: str, **kwargs: Any) -> None:
-        """Send a fire-and-forget message to another agent (delivered after this batch).
+    def tell(
+        self, agent_id: str, action_name: str, *, delivery: str = "at_most_once", **kwargs: Any
+    ) -> None:
+        """Send a message to another agent; it leaves after this batch commits.
 
-        Runs in the worker process. Agents of the same worker are reached without
-        a socket; others through the owning worker's ipc socket.
+        ``delivery``: ``"at_most_once"`` (fire and forget), ``"at_least_once"`` (kept in
+        the worker's LMDB outbox, written in the same transaction as this action's
+        state change, until the receiver acknowledges it), ``"exactly_once"`` (the same,
+        and the receiver drops duplicates) or ``"causal"`` (at least once, delivered
+        after the messages this agent had seen before sending it). Agents of the same
+        worker are reached without a socket; others through the owning worker's ipc
+        socket.
         """
-        self._ctx.tell(agent_id, action_name, kwargs)
+        check_agent_id_arg(agent_id)
+        self._ctx.send(TELL, agent_id, action_name, kwargs, delivery_code(delivery))
+
+    def publish(self, topic: str, data: Any = None, *, delivery: str = "at_most_once") -> None:
+        """Publish ``data`` on ``topic`` (dot-separated segments); every subscription
+        whose pattern matches gets it, on every worker of the node."""
+        check_topic(topic)
+        self._ctx.send(PUBLISH, topic, "", data, delivery_code(delivery))
+
+    def subscribe(
+        self, pattern: str, action_name: str = "on_event", *, delivery: str = "at_least_once"
+    ) -> None:
+        """Subscribe this agent to topics matching ``pattern`` (``*`` one segment, ``#``
+        any tail): each event calls ``action_name(topic=..., data=...)``. Stored with the
+        node (it survives restarts and passivation) once this batch commits."""
+        check_pattern(pattern)
+        if action_name not in type(self).__phoenix_actions__:
+            raise PluginError(f"{type(self).__name__} has no action {action_name!r} to subscribe")
+        self._ctx.send(SUBSCRIBE, pattern, action_name, None, delivery_code(delivery))
+
+    def unsubscribe(self, pattern: str) -> None:
+        """Remove this agent's subscription to ``pattern`` (no error if there is none)."""
+        check_pattern(pattern)
+        self._ctx.send(UNSUBSCRIBE, pattern, "", None, 0)
 
     # --- lifecycle hooks ------------------------------------------------------------
 
@@ -190,6 +233,11 @@ def validate_agent_class(cls: object, origin: str) -> type[Agent]:
         isinstance(cls.idle_timeout, (int, float)) and cls.idle_timeout > 0
     ):
         raise PluginError(f"{where}: idle_timeout must be a positive number or None")
+    try:
+        cls.__phoenix_mailbox__ = MailboxPolicy.parse(cls.mailbox) if cls.mailbox else None
+        cls.__phoenix_rate__ = RateLimit.parse(cls.rate_limit) if cls.rate_limit else None
+    except (TypeError, ValueError) as exc:
+        raise PluginError(f"{where}: {exc}") from None
     if not cls.__phoenix_actions__:
         raise PluginError(f"{where}: {cls.__qualname__} declares no @action methods")
     for action_name, fn in cls.__phoenix_actions__.items():
@@ -228,3 +276,30 @@ def _validate_action(where: str, cls: type, name: str, fn: Callable[..., Any]) -
                 f"{label}: parameter name {p.name!r} is reserved (no leading '_', "
                 f"not one of {sorted(RESERVED_ARGUMENTS)})"
             )
+
+
+_DELIVERY = {"at_most_once": 0, "at_least_once": 1, "exactly_once": 2, "causal": 3}
+
+
+def delivery_code(delivery: str) -> int:
+    """The wire code of a delivery guarantee name; ValueError naming the valid ones."""
+    code = _DELIVERY.get(delivery) if isinstance(delivery, str) else None
+    if code is None:
+        raise ValueError(f"delivery {delivery!r} is not one of {', '.join(_DELIVERY)}")
+    return code
+
+
+def check_agent_id_arg(agent_id: object) -> None:
+    if not isinstance(agent_id, str):
+        raise TypeError(f"agent id must be a str, got {type(agent_id).__name__}")
+    try:
+        check_agent_id(agent_id)
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def check_action_name(action_name: object) -> str:
+    """An action name as messages carry it: a Python identifier of <= 128 chars."""
+    if not isinstance(action_name, str) or not action_name.isidentifier() or len(action_name) > 128:
+        raise ValueError(f"action {action_name!r} is not an identifier of <= 128 chars")
+    return action_name

@@ -25,30 +25,35 @@ from typing import Any
 
 from ipc.protocol import ErrorCode, pack, unpack
 from phoenix_node.state import DecodeError, StoreError
-from phoenix_node.state.store import Store
+from phoenix_node.state.store import Store, WriteBatch
 
 from .agent import Agent
 
-__all__ = ["AgentContext", "AgentHost"]
+__all__ = ["AgentContext", "AgentHost", "Outgoing"]
 
 log = logging.getLogger("phoenix.worker")
 
 OK = 0
 
 
+#: an outgoing message of an agent: (kind, subject, action, payload, delivery, sender id)
+Outgoing = tuple[int, str, str, bytes, int, str]
+
+
 class AgentContext:
-    """What an agent reaches of its worker: the replica id and outgoing tells."""
+    """What an agent reaches of its worker: the replica id and outgoing messages."""
 
-    __slots__ = ("_outgoing", "replica")
+    __slots__ = ("_outgoing", "replica", "sender")
 
-    def __init__(self, replica: str, outgoing: deque[tuple[str, str, bytes]]) -> None:
+    def __init__(self, replica: str, outgoing: deque[Outgoing]) -> None:
         self.replica = replica
         self._outgoing = outgoing
+        self.sender = ""  # the agent whose action is running (set by the host)
 
-    def tell(self, agent_id: str, action: str, kwargs: dict[str, Any]) -> None:
+    def send(self, kind: int, subject: str, action: str, kwargs: Any, delivery: int) -> None:
         # Packed now: the receiver gets a copy (no state shared between agents), and a
         # value msgpack cannot carry fails in the sending action, where it belongs.
-        self._outgoing.append((agent_id, action, pack(kwargs)))
+        self._outgoing.append((kind, subject, action, pack(kwargs), delivery, self.sender))
 
 
 class _ActivationFailed(Exception):
@@ -89,7 +94,7 @@ class AgentHost:
         self.idle_timeout = idle_timeout
         self.max_active = max_active
         self.clock = clock
-        self.outgoing: deque[tuple[str, str, bytes]] = deque()
+        self.outgoing: deque[Outgoing] = deque()
         self.context = AgentContext(replica, self.outgoing)
         # Insertion order is least-recently-used first: an agent is re-inserted on use.
         self.active: dict[str, Agent] = {}
@@ -152,6 +157,7 @@ class AgentHost:
             del self._last_used[agent_id]
         self._last_used[agent_id] = self.clock()
         self._touched[agent_id] = agent
+        self.context.sender = agent_id
         try:
             return OK, fn(agent, **kwargs)
         except TypeError as exc:
@@ -269,23 +275,27 @@ class AgentHost:
 
     # --- group commit ----------------------------------------------------------------
 
-    def commit(self) -> bool:
+    def commit(self, extra: Callable[[WriteBatch], None] | None = None) -> bool:
         """Write every changed agent's state in one transaction.
+
+        ``extra`` stages more writes into the same transaction (dedup records,
+        outbox entries, spilled messages): they commit together with the state
+        changes or not at all.
 
         Returns False when the commit failed: the changed agents are dropped from
         memory (the next message reloads their last committed state) and the
         batch's replies must report STORE_FAILED.
         """
         touched = self._touched
-        if not touched:
-            return True
         dirty = [(agent_id, agent) for agent_id, agent in touched.items() if agent._state.dirty]
         touched.clear()
-        if not dirty:
-            return True
         batch = self.store.batch()
         for agent_id, agent in dirty:
             batch.save_state(agent_id, agent._state.encode())
+        if extra is not None:
+            extra(batch)
+        if not len(batch):
+            return True
         try:
             self.store.commit(batch)
         except StoreError:

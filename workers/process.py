@@ -38,6 +38,7 @@ import os
 import random
 import signal
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -45,23 +46,46 @@ import orjson
 import zmq
 
 from ipc import bindable, make_dealer, make_router, worker_ipc_endpoint
+from ipc.cloudevents import check_attrs, decompress_payload
 from ipc.protocol import (
+    ADMIN,
     ASK,
+    BATCH,
+    CREDIT,
+    EVENT,
+    PUBLISH,
+    REPLY,
+    REPLY_BATCH,
+    SUBSCRIBE,
     TELL,
+    UNSUBSCRIBE,
     ErrorCode,
     ProtocolError,
-    decode_header,
+    decode_batch,
+    decode_reply_batch,
+    decode_reply_kind,
+    decode_request,
+    encode_batch_header,
+    encode_entry,
     encode_reply,
+    encode_reply_batch,
+    encode_reply_kind,
     encode_request,
+    join_entries,
     pack,
     split_envelope,
+    unpack,
 )
 from phoenix_node.state import StateError
 from phoenix_node.state.store import Store
 
-from .agent import Agent
+from .agent import Agent, check_action_name, check_agent_id_arg
+from .engine import Engine, Msg, Output
 from .host import OK, AgentHost, error_payload
+from .mailbox import MailboxPolicy
 from .placement import owner_index
+from .ratelimit import RateLimit
+from .topics import check_pattern
 
 __all__ = ["WorkerExit", "WorkerSpec", "run_worker"]
 
@@ -97,6 +121,9 @@ class WorkerSpec:
     max_active: int = 100_000
     heartbeat_interval: float = 0.5
     passivate_interval: float = 1.0
+    mailbox: MailboxPolicy | None = None
+    sender_rate: RateLimit | None = None
+    dedup_window: float = 86400.0
 
 
 def run_worker(spec: WorkerSpec) -> NoReturn:
@@ -125,8 +152,8 @@ class _Worker:
         self.bad_frames = 0
         self.dropped_replies = 0
         self.forwarded = 0
-        self._next_corr = 1
         self._peers: dict[int, zmq.Socket[bytes]] = {}
+        self._fwd: dict[tuple[int, tuple[bytes, ...]], list[bytes]] = defaultdict(list)
 
     # --- boot --------------------------------------------------------------------------
 
@@ -153,6 +180,19 @@ class _Worker:
             idle_timeout=spec.idle_timeout,
             max_active=spec.max_active,
         )
+        try:
+            self.engine = Engine(
+                self.host,
+                self.store,
+                index=spec.index,
+                workers=spec.workers,
+                node_id=spec.node_id,
+                default_mailbox=spec.mailbox,
+                sender_limit=spec.sender_rate,
+                dedup_window=spec.dedup_window,
+            )
+        except StateError as exc:
+            raise _BootError(f"cannot load the outbox or subscriptions: {exc}") from exc
         self.router = make_router(self.ctx)
         try:
             self.router.bind(worker_ipc_endpoint(spec.node_id, spec.index))
@@ -175,6 +215,7 @@ class _Worker:
         spec = self.spec
         next_beat = 0.0
         next_passivate = time.monotonic() + spec.passivate_interval
+        next_sweep = time.monotonic() + 60.0
         try:
             while True:
                 now = time.monotonic()
@@ -187,52 +228,59 @@ class _Worker:
                     next_passivate = now + spec.passivate_interval
                 if self.draining:
                     return self._drain()
-                timeout_ms = max(1, int((min(next_beat, next_passivate) - now) * 1000))
+                wake = min(next_beat, next_passivate, next_sweep)
+                pending = self._pending_work()
+                if pending is not None:
+                    wake = min(wake, now + pending)
+                timeout_ms = max(0, int((wake - now) * 1000))
                 events = dict(self.poller.poll(timeout_ms))
                 if spec.parent_fd in events:
                     log.warning("worker %d: supervisor is gone, exiting", spec.index)
                     return WorkerExit.SUPERVISOR_GONE
                 if self._wake_r in events:
                     _drain_fd(self._wake_r)
+                ran = False
                 for sock in events:
                     if isinstance(sock, zmq.Socket):
                         if sock is self.router:
                             self._run_batch()
+                            ran = True
                         else:
-                            self._relay_replies(sock)
+                            self._from_peer(sock)
+                if not ran and (self.engine.ready or self.engine.outbox.pending):
+                    self._run_engine()
+                if now >= next_sweep:
+                    self.engine.sweep_dedup()
+                    next_sweep = now + 60.0
         finally:
             self._close()
 
     def _run_batch(self) -> None:
-        """Receive up to batch_size messages, run them, commit once, then reply."""
-        router, host = self.router, self.host
-        replies: list[tuple[list[bytes], int, int, Any]] = []
+        """Read up to batch_size messages, run them, commit once, then answer."""
+        router, _engine = self.router, self.engine
         for _ in range(self.spec.batch_size):
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:
-                self._dispatch(frames, replies)
+                self._ingest(frames)
             except Exception:
                 # A bug must cost one message, not the worker and every agent on it.
                 log.exception("worker %d: unexpected error handling a message", self.spec.index)
                 self._bad_frame(frames[:1], ErrorCode.INTERNAL, 0, "internal error")
-        self._run_local_tells()
-        committed = host.commit()
-        for stack, corr, status, result in replies:
-            if status == OK and not committed:
-                status = ErrorCode.STORE_FAILED
-                result = error_payload(
-                    status,
-                    "state commit failed; the action's effect was not stored (see the worker log)",
-                )
-            self._reply(stack, corr, status, result)
+        self._run_engine()
+
+    def _run_engine(self) -> None:
+        engine = self.engine
+        engine.run(self.spec.batch_size)
+        engine.send_due()
+        engine.commit()
+        self._send_output(engine.flush())
+        self._send_forwards()
         self._heartbeat_if_stale()
 
-    def _dispatch(
-        self, frames: list[bytes], replies: list[tuple[list[bytes], int, int, Any]]
-    ) -> None:
+    def _ingest(self, frames: list[bytes]) -> None:
         try:
             stack, header, payload = split_envelope(frames)
         except ProtocolError as exc:
@@ -240,89 +288,235 @@ class _Worker:
             self._bad_frame(frames[:1], exc.code, 0, str(exc))
             return
         try:
-            kind, corr, agent_id, action = decode_header(header)
+            kind, corr, subject, action, delivery, attrs = decode_request(header)
+            if attrs:
+                check_attrs(attrs)
         except ProtocolError as exc:
             self._bad_frame(stack, exc.code, exc.corr_id, str(exc))
             return
-        if kind not in (ASK, TELL):
-            replies.append(
-                (
-                    stack,
-                    corr,
+        route = tuple(stack)
+        if kind in (ASK, TELL):
+            owner = owner_index(subject, self.spec.workers)
+            if owner != self.spec.index:
+                self._forward(owner, frames)
+                return
+            self._accept(kind, corr, subject, action, delivery, attrs, payload, route)
+        elif kind == BATCH:
+            self._ingest_batch(payload, attrs, route)
+        elif kind == PUBLISH:
+            self._accept(kind, corr, subject, action, delivery, attrs, payload, route)
+        elif kind in (SUBSCRIBE, UNSUBSCRIBE):
+            self._subscription(kind, corr, subject, action, attrs, route)
+        elif kind == ADMIN:
+            self._admin(corr, action, route)
+        else:
+            self.bad_frames += 1
+            self.engine._replies[route].append(
+                (corr, ErrorCode.BAD_REQUEST, pack(error_payload(
                     ErrorCode.BAD_REQUEST,
-                    error_payload(
-                        ErrorCode.BAD_REQUEST,
-                        "HELLO and STATUS go to the node endpoint, not a worker",
-                    ),
-                )
-            )
+                    "HELLO and STATUS go to the node endpoint, not a worker",
+                )))
+            )  # fmt: skip
+
+    def _accept(
+        self,
+        kind: int,
+        corr: int,
+        subject: str,
+        action: str,
+        delivery: int,
+        attrs: dict[str, Any],
+        payload: bytes,
+        route: tuple[bytes, ...],
+    ) -> None:
+        if attrs and ("phoenixencoding" in attrs or "datacontenttype" in attrs):
+            try:
+                payload = normalize_payload(attrs, payload)
+            except ProtocolError as exc:
+                self._refuse(route, corr, exc.code, str(exc))
+                return
+        self.engine.accept(Msg(kind, corr, subject, action, delivery, attrs, payload, route))
+
+    def _ingest_batch(
+        self, payload: bytes, defaults: dict[str, Any], route: tuple[bytes, ...]
+    ) -> None:
+        try:
+            entries = decode_batch(payload, defaults)
+        except ProtocolError as exc:
+            self._bad_frame(list(route), exc.code, 0, str(exc))
             return
-        owner = owner_index(agent_id, self.spec.workers)
-        if owner != self.spec.index:
-            self._forward(owner, frames)
+        index, workers = self.spec.index, self.spec.workers
+        for entry in entries:
+            if isinstance(entry, ProtocolError):
+                self.bad_frames += 1
+                self._refuse(route, entry.corr_id, entry.code, str(entry))
+                continue
+            kind, corr, subject, action, delivery, attrs, data = entry
+            if kind != PUBLISH:
+                owner = owner_index(subject, workers)
+                if owner != index:
+                    self._fwd[(owner, route)].append(
+                        encode_entry(kind, corr, subject, action, delivery, attrs, data)
+                    )
+                    continue
+            self._accept(kind, corr, subject, action, delivery, attrs, data, route)
+
+    def _refuse(self, route: tuple[bytes, ...], corr: int, code: int, message: str) -> None:
+        engine = self.engine
+        engine._credits[route] += 1
+        engine._replies[route].append((corr, code, pack(error_payload(code, message))))
+
+    def _subscription(
+        self,
+        kind: int,
+        corr: int,
+        pattern: str,
+        action: str,
+        attrs: dict[str, Any],
+        route: tuple[bytes, ...],
+    ) -> None:
+        engine = self.engine
+        try:
+            check_pattern(pattern)
+            agent = attrs.get("phoenixagent")
+            if agent is not None:
+                if not isinstance(agent, str):
+                    raise ValueError("phoenixagent must be an agent id")
+                check_agent_id_arg(agent)
+                if kind == SUBSCRIBE:
+                    check_action_name(action)
+                    delivery = attrs.get("phoenixsubdelivery", 1)
+                    if type(delivery) is not int or not 0 <= delivery <= 3:
+                        raise ValueError("phoenixsubdelivery must be 0..3")
+                    engine.subscribe_agent(pattern, agent, action, delivery)
+                else:
+                    engine.unsubscribe_agent(pattern, agent)
+            elif kind == SUBSCRIBE:
+                engine.subscribe_client(route, pattern, corr)
+            else:
+                engine.unsubscribe_client(route, pattern)
+        except (ValueError, TypeError, ProtocolError) as exc:
+            self._refuse(route, corr, ErrorCode.BAD_REQUEST, str(exc))
             return
-        status, result = self.host.handle(agent_id, action, payload)
-        if kind == ASK:
-            replies.append((stack, corr, status, result))
+        engine._credits[route] += 1
+        engine._replies[route].append((corr, OK, b"\xc0"))
+
+    def _admin(self, corr: int, action: str, route: tuple[bytes, ...]) -> None:
+        engine, outbox = self.engine, self.engine.outbox
+        result: Any
+        if action == "reload_subscriptions":
+            engine.load_subscriptions()
+            return  # from another worker: no answer
+        if action == "dead_letters":
+            result = [
+                {"id": d.msg_id, "dest": d.dest, "attempts": d.attempts, "reason": d.reason,
+                 "time": d.time, "message": _describe_entry(d.data)}
+                for d in outbox.dead_letters(1000)
+            ]  # fmt: skip
+        elif action == "replay_dead_letters":
+            result = outbox.replay()
+        elif action == "purge_dead_letters":
+            result = outbox.purge()
+        elif action == "stats":
+            result = self._stats()
+        else:
+            self._refuse(route, corr, ErrorCode.BAD_REQUEST, f"unknown admin operation {action!r}")
+            return
+        engine._credits[route] += 1
+        engine._replies[route].append((corr, OK, pack(result)))
 
     def _bad_frame(self, stack: list[bytes], code: int, corr: int, message: str) -> None:
         self.bad_frames += 1
         if stack and stack[0]:
             self._reply(stack, corr, code, error_payload(code, message))
 
-    def _run_local_tells(self) -> None:
-        """Deliver tells sent by agents during this batch: locally, or to the owner."""
-        outgoing, spec = self.host.outgoing, self.spec
-        budget = self.spec.batch_size  # a tell storm cannot starve the socket forever
-        while outgoing and budget:
-            budget -= 1
-            agent_id, action, payload = outgoing.popleft()
-            try:
-                owner = owner_index(agent_id, spec.workers)
-            except Exception:
-                continue
-            if owner == spec.index:
-                status, result = self.host.handle(agent_id, action, payload)
-                if status != OK:
-                    log.warning("tell to %s.%s failed: %s", agent_id, action, result.get("message"))
+    def _send_output(self, out: Output) -> None:
+        send = self._send
+        for route, items in out.replies.items():
+            if len(items) == 1:
+                corr, status, body = items[0]
+                send([*route, b"", encode_reply(corr, status), body])
             else:
-                self._next_corr += 1
-                self._forward(
-                    owner, [b"", encode_request(TELL, self._next_corr, agent_id, action), payload]
-                )
+                send([*route, b"", _REPLY_BATCH_HEADER, encode_reply_batch(items)])
+        for route, n in out.credits.items():
+            send([*route, b"", encode_reply_kind(CREDIT, n), b""])
+        for owner, entries in out.remote.items():
+            self._send_peer(owner, [b"", _BATCH_HEADER, join_entries(entries)])
+        for route, events in out.events.items():
+            for sub_id, body in events:
+                if not self._send([*route, b"", encode_reply_kind(EVENT, sub_id), body], gone=True):
+                    self.engine.forget_route(route)
+                    break
+        if out.subscriptions_changed:
+            note = [b"", encode_request(ADMIN, 0, "", "reload_subscriptions"), b""]
+            for owner in range(self.spec.workers):
+                if owner != self.spec.index:
+                    self._send_peer(owner, note)
 
-    def _forward(self, owner: int, frames: list[bytes]) -> None:
+    def _send_forwards(self) -> None:
+        fwd = self._fwd
+        if not fwd:
+            return
+        for (owner, route), entries in fwd.items():
+            self._forward(owner, [*route, b"", _BATCH_HEADER, join_entries(entries)])
+        fwd.clear()
+
+    def _peer(self, owner: int) -> zmq.Socket[bytes]:
         peer = self._peers.get(owner)
         if peer is None:
             peer = make_dealer(self.ctx, immediate=False)
             peer.connect(worker_ipc_endpoint(self.spec.node_id, owner))
             self.poller.register(peer, zmq.POLLIN)
             self._peers[owner] = peer
-        try:
-            peer.send_multipart(frames, zmq.NOBLOCK)
-            self.forwarded += 1
-        except zmq.Again:
-            self.dropped_replies += 1
-            stack, _, _ = split_envelope(frames)
-            if stack:
-                self._reply(
-                    stack,
-                    0,
-                    ErrorCode.UNAVAILABLE,
-                    error_payload(
-                        ErrorCode.UNAVAILABLE,
-                        f"worker {owner} is not accepting messages (backpressure)",
-                    ),
-                )
+        return peer
 
-    def _relay_replies(self, peer: zmq.Socket[bytes]) -> None:
-        """Replies to forwarded messages: pass them back, undecoded, to the sender."""
+    def _send_peer(self, owner: int, frames: list[bytes]) -> bool:
+        try:
+            self._peer(owner).send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.dropped_replies += 1  # outbox entries are sent again; others are lost
+            return False
+
+    def _forward(self, owner: int, frames: list[bytes]) -> None:
+        if self._send_peer(owner, frames):
+            self.forwarded += 1
+            return
+        stack, _, _ = split_envelope(frames)
+        if stack:
+            self._reply(
+                stack,
+                0,
+                ErrorCode.UNAVAILABLE,
+                error_payload(
+                    ErrorCode.UNAVAILABLE,
+                    f"worker {owner} is not accepting messages (backpressure)",
+                ),
+            )
+
+    def _from_peer(self, peer: zmq.Socket[bytes]) -> None:
+        """From another worker: acks of this worker's outbox messages (no routing
+        stack), or replies to forwarded messages (relayed, undecoded)."""
+        engine = self.engine
         for _ in range(self.spec.batch_size):
             try:
                 frames = peer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._send(frames)
+            if frames[0] != b"":
+                self._send(frames)
+                continue
+            try:
+                _, header, payload = split_envelope(frames)
+                kind, corr, status = decode_reply_kind(header)
+                if kind == REPLY:
+                    engine.on_ack(corr, status, payload)
+                elif kind == REPLY_BATCH:
+                    for c, st, body in decode_reply_batch(payload):
+                        engine.on_ack(c, st, body)
+            except ProtocolError as exc:
+                self.bad_frames += 1
+                log.warning("worker %d: bad frame from a peer: %s", self.spec.index, exc)
 
     def _reply(self, stack: list[bytes], corr: int, status: int, result: Any) -> None:
         try:
@@ -332,16 +526,40 @@ class _Worker:
             body = pack(error_payload(status, f"result cannot be sent: {exc}"))
         self._send([*stack, b"", encode_reply(corr, status), body])
 
-    def _send(self, frames: list[bytes]) -> None:
+    def _send(self, frames: list[bytes], gone: bool = False) -> bool:
         try:
             self.router.send_multipart(frames, zmq.NOBLOCK)
+            return True
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the sender is gone; EAGAIN: it does not read. Count, go on.
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
             self.dropped_replies += 1
+            return not (gone and exc.errno == errno.EHOSTUNREACH)
 
     # --- heartbeats, drain, close --------------------------------------------------------
+
+    def _pending_work(self) -> float | None:
+        """Seconds until queued work can run (None: nothing queued)."""
+        engine = self.engine
+        waits = []
+        if engine.ready:
+            wake = engine.next_wakeup()
+            waits.append(0.0 if wake is None else wake)
+        if engine.outbox.pending:
+            waits.append(0.05)  # re-sends are due at backoff granularity
+        return min(waits) if waits else None
+
+    def _stats(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "mailboxes": sum(1 for m in engine.mailboxes.values() if m.pending),
+            "queued": sum(m.pending for m in engine.mailboxes.values()),
+            "outbox": engine.outbox.pending,
+            "dead_letters": engine.outbox.statistics().get("dead_letters", 0),
+            "subscriptions": len(engine.topics),
+            **engine.stats,
+        }
 
     def _heartbeat_if_stale(self) -> None:
         # A long batch must not starve the supervisor of heartbeats.
@@ -367,6 +585,7 @@ class _Worker:
                     "bad_frames": self.bad_frames,
                     "dropped_replies": self.dropped_replies,
                     "forwarded": self.forwarded,
+                    "messaging": self._stats(),
                 }
             )
             + b"\n"
@@ -384,6 +603,10 @@ class _Worker:
         self._run_batch()  # whatever is already queued in the socket
         while int(self.router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._run_batch()
+        for _ in range(100):  # what the mailboxes still hold (spilled messages stay spilled)
+            if not any(m.__len__() for m in self.engine.mailboxes.values()):
+                break
+            self._run_engine()
         self.host.stop_all()
         self.host.commit()
         return WorkerExit.OK
@@ -405,3 +628,30 @@ def _drain_fd(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+_BATCH_HEADER = encode_batch_header()
+_REPLY_BATCH_HEADER = encode_reply_kind(REPLY_BATCH, 0)
+
+
+def _describe_entry(data: bytes) -> dict[str, Any]:
+    """A dead letter's message, for people: kind, agent, action, delivery."""
+    try:
+        kind, corr, subject, action, delivery, _, _ = unpack(data)
+        return {"kind": kind, "corr": corr, "agent": subject, "action": action,
+                "delivery": delivery}  # fmt: skip
+    except (ValueError, TypeError, ProtocolError):
+        return {"raw": len(data)}
+
+
+def normalize_payload(attrs: dict[str, Any], payload: bytes) -> bytes:
+    """The payload as the agent host takes it (plain msgpack): decompressed when
+    ``phoenixencoding`` is zlib, converted when ``datacontenttype`` is JSON."""
+    if attrs.get("phoenixencoding") == "zlib":
+        payload = decompress_payload(payload)
+    if attrs.get("datacontenttype") == "application/json" and payload:
+        try:
+            payload = pack(orjson.loads(payload))
+        except (orjson.JSONDecodeError, TypeError, ValueError, OverflowError) as exc:
+            raise ProtocolError(f"payload is not valid JSON: {exc}") from None
+    return payload

@@ -17,12 +17,16 @@ import zmq
 
 from ipc.protocol import (
     ASK,
+    CREDIT,
     HELLO,
+    REPLY_BATCH,
     STATUS,
     TELL,
     ErrorCode,
     ProtocolError,
+    decode_reply_batch,
     decode_reply_header,
+    decode_reply_kind,
     encode_request,
     unpack,
 )
@@ -150,26 +154,36 @@ def dealer(ctx: Ctx, endpoint: str) -> zmq.Socket[bytes]:
     return sock
 
 
-def replies_until_probe(sock: zmq.Socket[bytes], timeout: float = 10.0) -> list[list[bytes]]:
-    """Every message received before the probe's ok reply.
+Reply = tuple[int, int, bytes, list[bytes]]
+
+
+def replies_until_probe(sock: zmq.Socket[bytes], timeout: float = 10.0) -> list[Reply]:
+    """Every reply received before the probe's ok reply, as ``(corr, status, body,
+    frames)``: batched replies are split, flow-control credits skipped.
 
     The probe asks AGENT, so it reaches the same worker as the case (directly or through
     the same forwarding socket) and its reply comes after any reply to the case.
     """
-    received: list[list[bytes]] = []
+    received: list[Reply] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not sock.poll(100):
             continue
         frames = sock.recv_multipart()
         try:
-            corr, status = decode_reply_header(frames[-2])
+            kind, corr, status = decode_reply_kind(frames[-2])
         except (ProtocolError, IndexError):
-            received.append(frames)
+            received.append((-1, -1, b"", frames))
             continue
-        if corr == PROBE_CORR and status == 0:
-            return received
-        received.append(frames)
+        if kind == CREDIT:
+            continue
+        items = decode_reply_batch(frames[-1]) if kind == REPLY_BATCH else [
+            (corr, status, frames[-1])
+        ]  # fmt: skip
+        for corr, status, body in items:
+            if corr == PROBE_CORR and status == 0:
+                return received
+            received.append((corr, status, body, frames))
     raise AssertionError("the probe sent after the case got no reply: the receiver is stuck")
 
 
@@ -186,10 +200,10 @@ def check_case(ctx: Ctx, endpoint: str, name: str, case: Case) -> None:
     if not replies:
         assert not (case.must_reply or case.ok), f"{name}: no reply"
         return
-    frames = replies[0]
+    corr, status, raw_body, frames = replies[0]
     assert len(frames) >= 3 and frames[-3] == b"", f"{name}: reply without a delimiter"
-    corr, status = decode_reply_header(frames[-2])
-    body = unpack(frames[-1])
+    assert corr >= 0, f"{name}: unreadable reply {frames}"
+    body = unpack(raw_body)
     if case.ok:
         assert (corr, status) == (2**64 - 1, 0), f"{name}: {status} {body}"
         return

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ipc.protocol import ErrorCode, pack, unpack
+from ipc.protocol import TELL, ErrorCode, pack, unpack
 from phoenix_node.demo import Counter
 from phoenix_node.state import GCounter, StoreWriteError
 from phoenix_node.state.store import Store
@@ -438,10 +438,11 @@ def test_tells_from_an_action_land_in_outgoing_packed(host: AgentHost) -> None:
     assert ask(host, "Probe/sender", "send", target="Counter/x", n=3) == (0, None)
     assert ask(host, "Probe/sender", "send", target="Probe/y") == (0, None)
     assert len(host.outgoing) == 2
-    agent_id, action_name, payload = host.outgoing.popleft()
-    assert (agent_id, action_name) == ("Counter/x", "hit")
+    kind, agent_id, action_name, payload, delivery, sender = host.outgoing.popleft()
+    assert (kind, agent_id, action_name, delivery) == (TELL, "Counter/x", "hit", 0)
+    assert sender == "Probe/sender"
     assert isinstance(payload, bytes) and unpack(payload) == {"n": 3}
-    assert host.outgoing.popleft()[0] == "Probe/y"
+    assert host.outgoing.popleft()[1] == "Probe/y"
     # a value msgpack cannot carry fails the sending action, and nothing is queued
     status, body = ask(host, "Probe/sender", "send_unpackable", target="Probe/y")
     assert status == ErrorCode.ACTION_FAILED and body["type"] == "TypeError"

@@ -1,0 +1,688 @@
+"""The message engine of a worker: mailboxes, delivery guarantees, pub/sub, flow.
+
+The worker process (:mod:`workers.process`) owns the sockets; this module owns
+what happens to a message between the socket and the reply, and never touches a
+socket, so all of it can be driven (and tested) in one process.
+
+One loop iteration, as the worker drives it::
+
+    engine.accept(msg)        # for every message read this iteration
+    engine.run(budget)        # execute queued messages, mailboxes round-robin
+    engine.commit()           # ONE LMDB transaction: agent state, dedup records,
+                              # outbox entries, spilled messages, subscriptions
+    out = engine.flush()      # replies, credits, messages for other workers, events
+
+- **Mailboxes.** Every agent has a bounded :class:`~workers.mailbox.Mailbox`
+  with its type's policy (or the node default). ``run`` takes at most
+  ``quantum`` messages from one mailbox before moving to the next, so a flood
+  to one agent delays the others of the worker by at most one quantum per
+  turn. Agents with a token-bucket ``rate_limit`` keep their excess queued.
+- **Delivery.** ``at_most_once``: run once or never, no ack. ``at_least_once``:
+  the ack (a reply, also for a tell) is sent only after the commit that holds
+  the effect. ``exactly_once``: a dedup record of ``(source, corr)`` with the
+  reply is written in the same transaction as the state change; a duplicate
+  gets the stored reply. ``causal``: at-least-once plus a causal stamp; a
+  message waits in the agent's causal inbox until the messages it depends on
+  were delivered (and duplicates are dropped).
+- **Agents' own messages** leave after the commit of the action that sent them.
+  With a guarantee they are written to the worker's outbox in that same
+  transaction (a transactional outbox: sent if and only if the sender's state
+  change is durable), re-sent with backoff until acked, then dead-lettered.
+- **Credits.** Every message taken from a socket is credited back to its
+  sender once it was consumed (run, refused or dropped), not when it was
+  read: a sender with a window of W uncredited messages can never put more
+  than W messages into this worker's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ipc.protocol import (
+    ASK,
+    AT_MOST_ONCE,
+    CAUSAL,
+    EXACTLY_ONCE,
+    PUBLISH,
+    RETRYABLE,
+    SUBSCRIBE,
+    TELL,
+    UNSUBSCRIBE,
+    ErrorCode,
+    encode_entry,
+    pack,
+    unpack,
+)
+from phoenix_node.delivery import DedupLog, Outbox, OutboxFullError, RetryPolicy
+from phoenix_node.state import StateError
+from phoenix_node.state.store import Store, WriteBatch
+
+from .causal import CausalClock, CausalError, CausalInbox
+from .host import OK, AgentHost, error_payload
+from .mailbox import Mailbox, MailboxPolicy, Outcome, SpillStore, Strategy
+from .placement import owner_index
+from .ratelimit import BucketTable, RateLimit, TokenBucket
+from .topics import TopicTable
+
+__all__ = ["Engine", "Msg", "Output"]
+
+log = logging.getLogger("phoenix.worker")
+
+Route = tuple[bytes, ...]
+_SUB_PREFIX = b"sub/"
+_CAUSAL_PREFIX = b"causal/"
+
+
+class Msg:
+    """One message inside a worker. ``route``: the ROUTER stack to answer on (None
+    for messages of this worker's own agents); ``ack_id``: for a message from this
+    worker's outbox, the outbox id to ack once its effect is committed."""
+
+    __slots__ = (
+        "ack_id",
+        "action",
+        "attrs",
+        "corr",
+        "data",
+        "delivery",
+        "kind",
+        "route",
+        "subject",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        corr: int,
+        subject: str,
+        action: str,
+        delivery: int,
+        attrs: dict[str, Any],
+        data: bytes,
+        route: Route | None,
+        ack_id: int | None = None,
+    ) -> None:
+        self.kind = kind
+        self.corr = corr
+        self.subject = subject
+        self.action = action
+        self.delivery = delivery
+        self.attrs = attrs
+        self.data = data
+        self.route = route
+        self.ack_id = ack_id
+
+    def encode(self) -> bytes:
+        """For the spill store (a spilled message outlives this process)."""
+        route = list(self.route) if self.route is not None else None
+        return pack(
+            [self.kind, self.corr, self.subject, self.action, self.delivery, self.attrs,
+             self.data, route, self.ack_id]
+        )  # fmt: skip
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Msg:
+        k, corr, subject, action, delivery, attrs, data, route, ack_id = unpack(raw)
+        return cls(
+            k, corr, subject, action, delivery, attrs, data,
+            tuple(route) if route is not None else None, ack_id,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"<Msg kind={self.kind} {self.subject}.{self.action} corr={self.corr}>"
+
+
+@dataclass
+class Output:
+    """What one iteration produced, for the worker to send."""
+
+    #: route -> [(corr, status, body)]: one REPLY or REPLY_BATCH frame per route
+    replies: dict[Route, list[tuple[int, int, bytes]]]
+    #: route -> number of that sender's messages consumed (a CREDIT frame each)
+    credits: dict[Route, int]
+    #: worker index -> encoded BATCH entries for that worker
+    remote: dict[int, list[bytes]]
+    #: client route -> [(subscription id, EVENT payload)]
+    events: dict[Route, list[tuple[int, bytes]]]
+    #: True when the subscription table changed (tell the other workers)
+    subscriptions_changed: bool
+
+
+@dataclass
+class _AgentSub:
+    pattern: str
+    agent: str
+    action: str
+    delivery: int
+
+
+@dataclass
+class _ClientSub:
+    pattern: str
+    route: Route
+    sub_id: int
+
+
+class Engine:
+    """The message engine of one worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        host: AgentHost,
+        store: Store,
+        *,
+        index: int,
+        workers: int,
+        node_id: str,
+        default_mailbox: MailboxPolicy | None = None,
+        sender_limit: RateLimit | None = None,
+        quantum: int = 64,
+        retry: RetryPolicy | None = None,
+        dedup_window: float = 86400.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self.store = store
+        self.index = index
+        self.workers = workers
+        self.quantum = quantum
+        self.clock = clock
+        self.source = f"phoenix://{node_id}/worker/{index}"
+        self.default_mailbox = default_mailbox or MailboxPolicy(capacity=10_000)
+        self.spill = SpillStore(store)
+        self.outbox = Outbox(store, b"w%d" % index, retry, clock)
+        self.outbox.load()
+        self.dedup = DedupLog(store, b"w%d" % index, window=dedup_window)
+        self.sender_limits = BucketTable(sender_limit, clock=clock) if sender_limit else None
+        self.mailboxes: dict[str, Mailbox[Msg]] = {}
+        self.ready: dict[str, None] = {}  # agents with queued messages, in turn order
+        self.buckets: dict[str, TokenBucket] = {}
+        self.inboxes: dict[str, CausalInbox[Msg]] = {}
+        self.clocks: dict[str, CausalClock] = {}
+        self._causal_dirty: set[str] = set()
+        self.topics: TopicTable[_AgentSub | _ClientSub] = TopicTable()
+        self.client_subs: dict[tuple[Route, str], _ClientSub] = {}
+        self._sub_writes: dict[bytes, bytes | None] = {}
+        self._subs_changed = False
+        self._replies: dict[Route, list[tuple[int, int, bytes]]] = defaultdict(list)
+        self._credits: dict[Route, int] = defaultdict(int)
+        self._remote: dict[int, list[bytes]] = defaultdict(list)
+        self._events: dict[Route, list[tuple[int, bytes]]] = defaultdict(list)
+        self._local_acks: list[tuple[int, str]] = []
+        self._next_corr = 0
+        self.stats: dict[str, int] = defaultdict(int)
+        self._resume_spilled()
+        self.load_subscriptions()
+
+    # --- intake ------------------------------------------------------------------------
+
+    def accept(self, msg: Msg) -> None:
+        """Take one message this worker owns (routing was checked by the caller)."""
+        if msg.kind == PUBLISH:
+            self._publish(msg)
+            return
+        route = msg.route
+        limits = self.sender_limits
+        if route is not None and limits is not None and not limits.try_take(route[0]):
+            self._refuse(msg, ErrorCode.RATE_LIMITED, "sender is over its rate limit")
+            return
+        self._enqueue(msg)
+
+    def _enqueue(self, msg: Msg) -> None:
+        agent_id = msg.subject
+        mailbox = self.mailboxes.get(agent_id)
+        if mailbox is None:
+            mailbox = self._new_mailbox(agent_id)
+        offer = mailbox.offer(msg)
+        outcome = offer.outcome
+        if outcome is Outcome.ACCEPTED or outcome is Outcome.SPILLED:
+            self.ready[agent_id] = None
+            return
+        if outcome is Outcome.REJECTED:
+            self._refuse(msg, ErrorCode.BACKPRESSURE, f"mailbox of {agent_id} is full")
+        elif outcome is Outcome.DROPPED:
+            if offer.queued:
+                self.ready[agent_id] = None
+            if offer.dropped is not None:
+                self._refuse(
+                    offer.dropped,
+                    ErrorCode.BACKPRESSURE,
+                    f"dropped: mailbox of {agent_id} is full ({mailbox.policy.strategy})",
+                )
+        elif outcome is Outcome.REDIRECTED and offer.redirect_to:
+            self.stats["redirected"] += 1
+            msg.subject = offer.redirect_to
+            self._route(msg)
+
+    def _new_mailbox(self, agent_id: str) -> Mailbox[Msg]:
+        cls = self.host.types.get(agent_id.partition("/")[0])
+        policy = (cls.__phoenix_mailbox__ if cls is not None else None) or self.default_mailbox
+        if policy.strategy is Strategy.SPILL_TO_DISK:
+            mailbox: Mailbox[Msg] = Mailbox(
+                policy, spill=self.spill, key=agent_id.encode(), encode=Msg.encode,
+                decode=Msg.decode,
+            )  # fmt: skip
+        else:
+            mailbox = Mailbox(policy)
+        self.mailboxes[agent_id] = mailbox
+        rate = cls.__phoenix_rate__ if cls is not None else None
+        if rate is not None and agent_id not in self.buckets:
+            self.buckets[agent_id] = TokenBucket(rate.rate, rate.burst, clock=self.clock)
+        return mailbox
+
+    def _resume_spilled(self) -> None:
+        """Spilled messages left by an earlier run of this worker are delivered again."""
+        for key in self.spill.backlog():
+            try:
+                agent_id = key.decode()
+            except UnicodeDecodeError:
+                continue
+            if owner_index(agent_id, self.workers) == self.index and agent_id not in self.mailboxes:
+                self._new_mailbox(agent_id)
+                self.ready[agent_id] = None
+
+    def _route(self, msg: Msg) -> None:
+        """Deliver here or send to the owning worker (redirects, agents' messages)."""
+        owner = owner_index(msg.subject, self.workers)
+        if owner == self.index:
+            self._enqueue(msg)
+            return
+        self._next_corr += 1
+        self._remote[owner].append(
+            encode_entry(TELL, self._next_corr, msg.subject, msg.action, 0, None, msg.data)
+        )
+        if msg.route is not None:
+            self._credits[msg.route] += 1
+
+    # --- running -----------------------------------------------------------------------
+
+    def run(self, budget: int) -> int:
+        """Run up to ``budget`` queued messages, round-robin over agents; returns how
+        many ran. Messages the actions send are queued or staged as they go."""
+        done = 0
+        host = self.host
+        while self.ready and done < budget:
+            for agent_id in list(self.ready):
+                mailbox = self.mailboxes[agent_id]
+                n = min(self.quantum, budget - done)
+                bucket = self.buckets.get(agent_id)
+                if bucket is not None:
+                    n = min(n, int(bucket.tokens))
+                    if n <= 0:
+                        continue
+                msgs = mailbox.take(n)
+                if bucket is not None:
+                    bucket.try_take(len(msgs))
+                for msg in msgs:
+                    self._execute(msg)
+                done += len(msgs)
+                if not mailbox.pending:
+                    del self.ready[agent_id]
+                if host.outgoing:
+                    self._drain_outgoing()
+                if done >= budget:
+                    break
+            if self.ready and all(self._throttled(a) for a in self.ready):
+                break
+        return done
+
+    def _throttled(self, agent_id: str) -> bool:
+        bucket = self.buckets.get(agent_id)
+        return bucket is not None and bucket.tokens < 1
+
+    def next_wakeup(self) -> float | None:
+        """Seconds until a rate-limited mailbox may run again (None: nothing waits)."""
+        delays = [self.buckets[a].delay(1) for a in self.ready if a in self.buckets]
+        if self.ready and len(delays) < len(self.ready):
+            return 0.0
+        return min(delays) if delays else None
+
+    def _execute(self, msg: Msg) -> None:
+        if msg.delivery == CAUSAL:
+            for ready in self._causal_gate(msg):
+                self._execute_one(ready)
+            return
+        self._execute_one(msg)
+
+    def _execute_one(self, msg: Msg) -> None:
+        source = msg.attrs.get("source") if msg.delivery else None
+        dedup = msg.delivery == EXACTLY_ONCE and isinstance(source, str)
+        if dedup:
+            hit = self.dedup.lookup(source, msg.corr)  # type: ignore[arg-type]
+            if hit is not None:
+                self.stats["duplicates"] += 1
+                self._answer(msg, hit[0], hit[1])
+                return
+        status, result = self.host.handle(msg.subject, msg.action, msg.data)
+        if msg.kind == ASK or msg.delivery or status != OK:
+            try:
+                body = pack(result)
+            except (TypeError, ValueError, OverflowError) as exc:
+                status = ErrorCode.BAD_RESULT
+                body = pack(error_payload(status, f"result cannot be sent: {exc}"))
+        else:
+            body = b"\xc0"
+        if dedup and status not in RETRYABLE:
+            self.dedup.record(source, msg.corr, status, body)  # type: ignore[arg-type]
+        self._answer(msg, status, body)
+
+    def _answer(self, msg: Msg, status: int, body: bytes) -> None:
+        if msg.ack_id is not None:
+            if status in RETRYABLE:
+                return  # not acked: the outbox sends it again after a backoff
+            self._local_acks.append((msg.ack_id, "" if status == OK else _error_text(body)))
+            return
+        route = msg.route
+        if route is None:
+            if status != OK and status not in RETRYABLE:
+                log.warning("message %r failed: %s", msg, _error_text(body))
+            return
+        self._credits[route] += 1
+        if msg.kind == ASK or msg.delivery:
+            self._replies[route].append((msg.corr, status, body))
+
+    def _refuse(self, msg: Msg, code: int, message: str) -> None:
+        self.stats["refused"] += 1
+        body = pack(error_payload(code, message, msg.subject, msg.action))
+        self._answer(msg, code, body)
+
+    # --- causal order ------------------------------------------------------------------
+
+    def _causal_gate(self, msg: Msg) -> list[Msg]:
+        stamp = msg.attrs.get("phoenixcausal")
+        if not isinstance(stamp, bytes):
+            self._refuse(msg, ErrorCode.BAD_REQUEST, "delivery causal needs a phoenixcausal stamp")
+            return []
+        agent_id = msg.subject
+        inbox = self.inboxes.get(agent_id)
+        if inbox is None:
+            inbox = self._load_inbox(agent_id)
+        try:
+            ready: list[Msg] = inbox.offer(stamp, msg)
+        except CausalError as exc:
+            self._refuse(msg, ErrorCode.BAD_REQUEST, f"causal stamp: {exc}")
+            return []
+        if ready:
+            self._causal_dirty.add(agent_id)
+        return ready
+
+    def _load_inbox(self, agent_id: str) -> CausalInbox[Msg]:
+        clock = self.clocks.get(agent_id)
+        if clock is None:
+            clock = self._load_clock(agent_id)
+        raw = self.store.get("dedup", _CAUSAL_PREFIX + agent_id.encode())
+        inbox: CausalInbox[Msg] = (
+            CausalInbox.decode(raw, clock) if raw is not None else CausalInbox(agent_id, clock)
+        )
+        self.inboxes[agent_id] = inbox
+        return inbox
+
+    # --- agents' own messages -----------------------------------------------------------
+
+    def _drain_outgoing(self) -> None:
+        outgoing = self.host.outgoing
+        while outgoing:
+            kind, subject, action, payload, delivery, sender = outgoing.popleft()
+            if kind == TELL:
+                self._send_tell(subject, action, payload, delivery, sender)
+            elif kind == PUBLISH:
+                self._publish(Msg(PUBLISH, 0, subject, "", delivery, {}, payload, None))
+            elif kind == SUBSCRIBE:
+                self._add_agent_sub(subject, sender, action, delivery)
+            elif kind == UNSUBSCRIBE:
+                self._remove_agent_sub(subject, sender)
+
+    def _send_tell(
+        self, agent_id: str, action: str, payload: bytes, delivery: int, sender: str
+    ) -> None:
+        if delivery == AT_MOST_ONCE:
+            self._route(Msg(TELL, 0, agent_id, action, 0, {}, payload, None))
+            return
+        attrs: dict[str, Any] = {"source": self.source}
+        if delivery == CAUSAL:
+            clock = self.clocks.get(sender)
+            if clock is None:
+                clock = self._load_clock(sender)
+            attrs["phoenixcausal"] = clock.stamp(agent_id)
+            self._causal_dirty.add(sender)
+        self._stage_outbox(agent_id, action, delivery, attrs, payload)
+
+    def _stage_outbox(
+        self, agent_id: str, action: str, delivery: int, attrs: dict[str, Any], payload: bytes
+    ) -> None:
+        msg_id = self.outbox.next_id()
+        owner = owner_index(agent_id, self.workers)
+        entry = encode_entry(TELL, msg_id, agent_id, action, delivery, attrs, payload)
+        try:
+            self.outbox.add(msg_id, str(owner), entry)
+        except OutboxFullError:
+            self.stats["outbox_full"] += 1
+            log.error("outbox full: message to %s.%s dropped", agent_id, action)
+
+    def _load_clock(self, agent_id: str) -> CausalClock:
+        raw = self.store.get("dedup", b"clock/" + agent_id.encode())
+        clock = CausalClock.decode(raw) if raw is not None else CausalClock(agent_id)
+        self.clocks[agent_id] = clock
+        return clock
+
+    def send_due(self) -> None:
+        """Outbox entries due for a (re)send: to other workers, or queued here."""
+        for entry in self.outbox.due():
+            owner = int(entry.dest)
+            if owner >= self.workers:  # the node restarted with fewer workers
+                kind, corr, subject, *_ = unpack(entry.data)
+                owner = owner_index(subject, self.workers)
+            if owner == self.index:
+                kind, corr, subject, action, delivery, attrs, data = unpack(entry.data)
+                self._enqueue(Msg(kind, corr, subject, action, delivery, attrs, data, None, corr))
+            else:
+                self._remote[owner].append(entry.data)
+            self.outbox.sent(entry)
+
+    def on_ack(self, corr: int, status: int, body: bytes) -> None:
+        """A reply from another worker to one of this worker's outbox messages."""
+        if status in RETRYABLE:
+            return  # the outbox sends it again after the backoff
+        if status == OK:
+            self.outbox.ack(corr)
+        else:
+            self.outbox.reject(corr, _error_text(body))
+
+    # --- pub/sub -----------------------------------------------------------------------
+
+    def _publish(self, msg: Msg) -> None:
+        source = msg.attrs.get("source")
+        if msg.delivery == EXACTLY_ONCE and isinstance(source, str):
+            hit = self.dedup.lookup(source, msg.corr)
+            if hit is not None:
+                self._answer(msg, hit[0], hit[1])
+                return
+        topic = msg.subject
+        kwargs = _event_kwargs(topic, msg.data)
+        delivered = 0
+        for _, sub in self.topics.match(topic):
+            delivered += 1
+            if isinstance(sub, _AgentSub):
+                if sub.delivery == AT_MOST_ONCE:
+                    self._route(Msg(TELL, 0, sub.agent, sub.action, 0, {}, kwargs, None))
+                else:
+                    attrs = {"source": self.source, "subject": topic}
+                    self._stage_outbox(sub.agent, sub.action, sub.delivery, attrs, kwargs)
+            else:
+                self._events[sub.route].append(
+                    (sub.sub_id, pack([topic, source or "", str(msg.corr), msg.data]))
+                )
+        self.stats["published"] += 1
+        self.stats["fanout"] += delivered
+        body = pack(delivered)
+        if msg.delivery == EXACTLY_ONCE and isinstance(source, str):
+            self.dedup.record(source, msg.corr, OK, body)
+        self._answer(msg, OK, body)
+
+    def subscribe_client(self, route: Route, pattern: str, sub_id: int) -> None:
+        key = (route, pattern)
+        old = self.client_subs.pop(key, None)
+        if old is not None:
+            self.topics.remove(pattern, _client_sub_id(route, old.sub_id))
+        sub = _ClientSub(pattern, route, sub_id)
+        self.client_subs[key] = sub
+        self.topics.add(pattern, _client_sub_id(route, sub_id), sub)
+
+    def unsubscribe_client(self, route: Route, pattern: str | None = None) -> int:
+        """Drop a client's subscription to ``pattern`` (None: all of that client's)."""
+        keys = [
+            k for k in self.client_subs if k[0] == route and (pattern is None or k[1] == pattern)
+        ]
+        for key in keys:
+            sub = self.client_subs.pop(key)
+            self.topics.remove(sub.pattern, _client_sub_id(route, sub.sub_id))
+        return len(keys)
+
+    def subscribe_agent(self, pattern: str, agent_id: str, action: str, delivery: int) -> None:
+        """A subscription of an agent made by a client (stored with the node)."""
+        self._add_agent_sub(pattern, agent_id, action, delivery)
+
+    def unsubscribe_agent(self, pattern: str, agent_id: str) -> None:
+        self._remove_agent_sub(pattern, agent_id)
+
+    def _add_agent_sub(self, pattern: str, agent_id: str, action: str, delivery: int) -> None:
+        key = _sub_key(pattern, agent_id)
+        self._sub_writes[key] = pack([pattern, agent_id, action, delivery])
+        self.topics.remove(pattern, agent_id)
+        self.topics.add(pattern, agent_id, _AgentSub(pattern, agent_id, action, delivery))
+        self._subs_changed = True
+
+    def _remove_agent_sub(self, pattern: str, agent_id: str) -> None:
+        self._sub_writes[_sub_key(pattern, agent_id)] = None
+        self.topics.remove(pattern, agent_id)
+        self._subs_changed = True
+
+    def load_subscriptions(self) -> int:
+        """(Re)load the agents' subscriptions stored with the node; clients' stay."""
+        table: TopicTable[_AgentSub | _ClientSub] = TopicTable()
+        n = 0
+        for _, raw in self.store.iter_items("registry", _SUB_PREFIX):
+            try:
+                pattern, agent_id, action, delivery = unpack(raw)
+                table.add(pattern, agent_id, _AgentSub(pattern, agent_id, action, delivery))
+                n += 1
+            except (ValueError, TypeError) as exc:
+                log.error("unreadable subscription record skipped: %s", exc)
+        for sub in self.client_subs.values():
+            table.add(sub.pattern, _client_sub_id(sub.route, sub.sub_id), sub)
+        self.topics = table
+        return n
+
+    # --- commit and output ---------------------------------------------------------------
+
+    def _stage(self, batch: WriteBatch) -> None:
+        self.outbox.stage(batch)
+        self.dedup.stage(batch)
+        self.spill.stage(batch)
+        for key, value in self._sub_writes.items():
+            if value is None:
+                batch.delete("registry", key)
+            else:
+                batch.put("registry", key, value)
+        for agent_id in self._causal_dirty:
+            inbox = self.inboxes.get(agent_id)
+            if inbox is not None:
+                batch.put("dedup", _CAUSAL_PREFIX + agent_id.encode(), inbox.encode())
+            clock = self.clocks.get(agent_id)
+            if clock is not None:
+                batch.put("dedup", b"clock/" + agent_id.encode(), clock.encode())
+
+    def commit(self) -> bool:
+        """Commit everything of this iteration in one transaction; on failure the
+        replies become STORE_FAILED and nothing is acked."""
+        ok = self.host.commit(extra=self._stage)
+        if ok:
+            self.outbox.committed()
+            self.dedup.committed()
+            self.spill.committed()
+            for msg_id, error in self._local_acks:
+                if error:
+                    self.outbox.reject(msg_id, error)
+                else:
+                    self.outbox.ack(msg_id)
+        else:
+            self.outbox.abort()
+            self.dedup.abort()
+            failed = pack(
+                error_payload(
+                    ErrorCode.STORE_FAILED,
+                    "state commit failed; the effect was not stored (see the worker log)",
+                )
+            )
+            for items in self._replies.values():
+                for i, (corr, status, _) in enumerate(items):
+                    if status == OK:
+                        items[i] = (corr, ErrorCode.STORE_FAILED, failed)
+            self.inboxes.clear()  # reloaded from their last committed state
+            self.clocks.clear()
+        self._local_acks.clear()
+        self._sub_writes.clear()
+        self._causal_dirty.clear()
+        return ok
+
+    def flush(self) -> Output:
+        out = Output(
+            dict(self._replies),
+            dict(self._credits),
+            dict(self._remote),
+            dict(self._events),
+            self._subs_changed,
+        )
+        self._replies.clear()
+        self._credits.clear()
+        self._remote.clear()
+        self._events.clear()
+        self._subs_changed = False
+        return out
+
+    def sweep_dedup(self) -> int:
+        """Forget dedup records past the window (its own small transaction)."""
+        batch = self.store.batch()
+        n = self.dedup.sweep(batch)
+        if n:
+            try:
+                self.store.commit(batch)
+                self.dedup.committed()
+            except StateError:
+                log.exception("dedup sweep failed")
+                self.dedup.abort()
+        return n
+
+    def forget_route(self, route: Route) -> None:
+        """A client went away: drop its subscriptions."""
+        self.unsubscribe_client(route)
+
+
+def _sub_key(pattern: str, agent_id: str) -> bytes:
+    digest = hashlib.blake2b(f"{pattern}\x00{agent_id}".encode(), digest_size=16).digest()
+    return _SUB_PREFIX + digest
+
+
+def _client_sub_id(route: Route, sub_id: int) -> str:
+    return f"client:{b'/'.join(route).hex()}:{sub_id}"
+
+
+def _event_kwargs(topic: str, data: bytes) -> bytes:
+    """``{"topic": topic, "data": <data>}`` as msgpack, splicing the data bytes in."""
+    return b"\x82\xa5topic" + pack(topic) + b"\xa4data" + (data or b"\xc0")
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        payload = msgpack.unpackb(body, raw=False)
+        return str(payload.get("message")) if isinstance(payload, dict) else repr(payload)
+    except Exception:
+        return "<unreadable error>"
