@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipc import EndpointError, check_endpoint
+from workers.ratelimit import RateLimit
 
 __all__ = ["OPTIONS", "ConfigError", "NodeConfig", "Option", "add_arguments", "load_config"]
 
@@ -52,6 +53,12 @@ def _endpoint(value: str) -> str:
         return check_endpoint(value)
     except EndpointError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _rate(value: str) -> str:
+    if value:
+        RateLimit.parse(value)  # ValueError names the problem
+    return value
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -117,6 +124,34 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "restart_backoff_max", float, 10.0, "longest delay before restarting a worker", minimum=0.0
     ),
+    Option(
+        "mailbox_capacity",
+        int,
+        10_000,
+        "default mailbox size of an agent (high watermark; agent types may set their own)",
+        minimum=1,
+    ),
+    Option(
+        "mailbox_strategy",
+        str,
+        "reject",
+        "default overflow strategy of a full mailbox",
+        choices=("reject", "drop_oldest", "drop_newest", "spill_to_disk"),
+    ),
+    Option(
+        "sender_rate",
+        str,
+        "",
+        "token-bucket limit per sender connection on each worker, e.g. 50000/s ('' = none)",
+        check=_rate,
+    ),
+    Option(
+        "dedup_window",
+        float,
+        86400.0,
+        "seconds an exactly_once reply is kept to answer duplicates",
+        minimum=1.0,
+    ),
     Option("ready_file", str, "", "write a JSON line here once the node serves (for tools)"),
     Option("log_level", str, "info", "log level", choices=("debug", "info", "warning", "error")),
 )
@@ -142,6 +177,10 @@ class NodeConfig:
     max_restarts: int = 10
     restart_period: float = 60.0
     restart_backoff_max: float = 10.0
+    mailbox_capacity: int = 10_000
+    mailbox_strategy: str = "reject"
+    sender_rate: str = ""
+    dedup_window: float = 86400.0
     ready_file: str = ""
     log_level: str = "info"
     extra: Mapping[str, Any] = field(default_factory=dict)

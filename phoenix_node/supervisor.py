@@ -53,7 +53,9 @@ import orjson
 from phoenix_node.state import StateError
 from phoenix_node.state.store import Store
 from workers.agent import Agent
+from workers.mailbox import MailboxPolicy
 from workers.process import WorkerExit, WorkerSpec, run_worker
+from workers.ratelimit import RateLimit
 
 from .config import NodeConfig
 from .control import ControlSpec, run_control
@@ -378,6 +380,11 @@ class Supervisor:
             idle_timeout=cfg.idle_timeout,
             max_active=cfg.max_active,
             heartbeat_interval=cfg.heartbeat_interval,
+            mailbox=MailboxPolicy.parse(
+                {"capacity": cfg.mailbox_capacity, "strategy": cfg.mailbox_strategy}
+            ),
+            sender_rate=RateLimit.parse(cfg.sender_rate) if cfg.sender_rate else None,
+            dedup_window=cfg.dedup_window,
         )
 
     def _in_child(self, hb_r: int, parent_w: int, spec: WorkerSpec | ControlSpec) -> NoReturn:

@@ -446,6 +446,14 @@ class CausalInbox(Generic[T]):
             self._park(waiting, blocker)
         return out
 
+    def was_delivered(self, stamp: bytes) -> bool:
+        """True if the message carrying ``stamp`` was delivered already (a duplicate the
+        receiver should acknowledge again); raises like :meth:`offer` for a bad stamp."""
+        sender, dest, matrix = _parse_stamp(stamp)
+        if dest != self._me:
+            raise StampError(f"stamp is addressed to {dest!r}, not {self._me!r}")
+        return matrix[sender, dest] <= self._delivered.get(sender, 0)
+
     def _blocker(self, waiting: _Waiting[T]) -> tuple[str, int] | None:
         """The first counter ``waiting`` still waits for, or None if deliverable."""
         delivered, retired = self._delivered, self._clock._retired

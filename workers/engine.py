@@ -406,6 +406,10 @@ class Engine:
         if inbox is None:
             inbox = self._load_inbox(agent_id)
         try:
+            if inbox.was_delivered(stamp):
+                self.stats["duplicates"] += 1
+                self._answer(msg, OK, b"\xc0")  # acknowledged again, not run again
+                return []
             ready: list[Msg] = inbox.offer(stamp, msg)
         except CausalError as exc:
             self._refuse(msg, ErrorCode.BAD_REQUEST, f"causal stamp: {exc}")
