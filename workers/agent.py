@@ -34,7 +34,16 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from ipc.protocol import PUBLISH, SUBSCRIBE, TELL, UNSUBSCRIBE, ProtocolError, check_agent_id
+from ipc.protocol import (
+    ASK,
+    PUBLISH,
+    SUBSCRIBE,
+    TELL,
+    UNSUBSCRIBE,
+    ProtocolError,
+    check_agent_id,
+    pack,
+)
 from phoenix_node.state import CRDT, AgentState, StateError, StateSchema
 
 from ._errors import PluginError
@@ -167,6 +176,31 @@ class Agent:
         """
         check_agent_id_arg(agent_id)
         self._ctx.send(TELL, agent_id, action_name, kwargs, delivery_code(delivery))
+
+    def request(
+        self,
+        agent_id: str,
+        action_name: str,
+        *,
+        reply_to: str,
+        context: Any = None,
+        delivery: str = "exactly_once",
+        **kwargs: Any,
+    ) -> None:
+        """Ask another agent without blocking: its result comes back later as a message
+        to this agent's action ``reply_to(status=, result=, context=)`` (``status`` 0 and
+        the result, or an error code and the error map). The request and the reply
+        travel through the workers' outboxes (``delivery`` at least once), so neither
+        is lost when a worker dies; ``context`` (plain data) comes back unchanged."""
+        check_agent_id_arg(agent_id)
+        if reply_to not in type(self).__phoenix_actions__:
+            raise PluginError(f"{type(self).__name__} has no action {reply_to!r} to reply to")
+        code = delivery_code(delivery)
+        if code == 0:
+            raise ValueError("a request needs a delivery guarantee (its reply is a message)")
+        extra = {"phoenixreplyto": self._id, "phoenixreplyaction": reply_to,
+                 "phoenixcontext": pack(context)}  # fmt: skip
+        self._ctx.send(ASK, agent_id, action_name, kwargs, code, extra)
 
     def publish(self, topic: str, data: Any = None, *, delivery: str = "at_most_once") -> None:
         """Publish ``data`` on ``topic`` (dot-separated segments); every subscription

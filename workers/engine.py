@@ -372,7 +372,23 @@ class Engine:
             body = b"\xc0"
         if dedup and status not in RETRYABLE:
             self.dedup.record(source, msg.corr, status, body)  # type: ignore[arg-type]
+        reply_to = msg.attrs.get("phoenixreplyto")
+        if reply_to is not None and status not in RETRYABLE:
+            self._reply_by_message(msg, reply_to, status, body)
         self._answer(msg, status, body)
+
+    def _reply_by_message(self, msg: Msg, reply_to: Any, status: int, body: bytes) -> None:
+        """The result of an agent's :meth:`~workers.agent.Agent.request`: a message to
+        the requester's reply action, staged in this commit (with the effect)."""
+        action = msg.attrs.get("phoenixreplyaction")
+        context = msg.attrs.get("phoenixcontext", b"\xc0")
+        if not (isinstance(reply_to, str) and isinstance(action, str)
+                and isinstance(context, bytes)):  # fmt: skip
+            log.warning("request %r has a malformed reply address; reply dropped", msg)
+            return
+        kwargs = b"\x83\xa6status" + pack(status) + b"\xa6result" + body + b"\xa7context" + context
+        delivery = msg.delivery if msg.delivery != CAUSAL else EXACTLY_ONCE
+        self._stage_outbox(reply_to, action, delivery, {"source": self.source}, kwargs)
 
     def _answer(self, msg: Msg, status: int, body: bytes) -> None:
         if msg.ack_id is not None:
@@ -434,9 +450,9 @@ class Engine:
     def _drain_outgoing(self) -> None:
         outgoing = self.host.outgoing
         while outgoing:
-            kind, subject, action, payload, delivery, sender = outgoing.popleft()
-            if kind == TELL:
-                self._send_tell(subject, action, payload, delivery, sender)
+            kind, subject, action, payload, delivery, sender, extra = outgoing.popleft()
+            if kind in (TELL, ASK):
+                self._send_tell(subject, action, payload, delivery, sender, kind, extra)
             elif kind == PUBLISH:
                 self._publish(Msg(PUBLISH, 0, subject, "", delivery, {}, payload, None))
             elif kind == SUBSCRIBE:
@@ -445,26 +461,39 @@ class Engine:
                 self._remove_agent_sub(subject, sender)
 
     def _send_tell(
-        self, agent_id: str, action: str, payload: bytes, delivery: int, sender: str
+        self,
+        agent_id: str,
+        action: str,
+        payload: bytes,
+        delivery: int,
+        sender: str,
+        kind: int = TELL,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         if delivery == AT_MOST_ONCE:
             self._route(Msg(TELL, 0, agent_id, action, 0, {}, payload, None))
             return
-        attrs: dict[str, Any] = {"source": self.source}
+        attrs: dict[str, Any] = {"source": self.source, **(extra or {})}
         if delivery == CAUSAL:
             clock = self.clocks.get(sender)
             if clock is None:
                 clock = self._load_clock(sender)
             attrs["phoenixcausal"] = clock.stamp(agent_id)
             self._causal_dirty.add(sender)
-        self._stage_outbox(agent_id, action, delivery, attrs, payload)
+        self._stage_outbox(agent_id, action, delivery, attrs, payload, kind)
 
     def _stage_outbox(
-        self, agent_id: str, action: str, delivery: int, attrs: dict[str, Any], payload: bytes
+        self,
+        agent_id: str,
+        action: str,
+        delivery: int,
+        attrs: dict[str, Any],
+        payload: bytes,
+        kind: int = TELL,
     ) -> None:
         msg_id = self.outbox.next_id()
         owner = owner_index(agent_id, self.workers)
-        entry = encode_entry(TELL, msg_id, agent_id, action, delivery, attrs, payload)
+        entry = encode_entry(kind, msg_id, agent_id, action, delivery, attrs, payload)
         try:
             self.outbox.add(msg_id, str(owner), entry)
         except OutboxFullError:

@@ -36,8 +36,9 @@ log = logging.getLogger("phoenix.worker")
 OK = 0
 
 
-#: an outgoing message of an agent: (kind, subject, action, payload, delivery, sender id)
-Outgoing = tuple[int, str, str, bytes, int, str]
+#: an outgoing message of an agent: (kind, subject, action, payload, delivery, sender id,
+#: extra attrs or None)
+Outgoing = tuple[int, str, str, bytes, int, str, dict[str, Any] | None]
 
 
 class AgentContext:
@@ -50,10 +51,18 @@ class AgentContext:
         self._outgoing = outgoing
         self.sender = ""  # the agent whose action is running (set by the host)
 
-    def send(self, kind: int, subject: str, action: str, kwargs: Any, delivery: int) -> None:
+    def send(
+        self,
+        kind: int,
+        subject: str,
+        action: str,
+        kwargs: Any,
+        delivery: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         # Packed now: the receiver gets a copy (no state shared between agents), and a
         # value msgpack cannot carry fails in the sending action, where it belongs.
-        self._outgoing.append((kind, subject, action, pack(kwargs), delivery, self.sender))
+        self._outgoing.append((kind, subject, action, pack(kwargs), delivery, self.sender, extra))
 
 
 class _ActivationFailed(Exception):

@@ -438,7 +438,8 @@ def test_tells_from_an_action_land_in_outgoing_packed(host: AgentHost) -> None:
     assert ask(host, "Probe/sender", "send", target="Counter/x", n=3) == (0, None)
     assert ask(host, "Probe/sender", "send", target="Probe/y") == (0, None)
     assert len(host.outgoing) == 2
-    kind, agent_id, action_name, payload, delivery, sender = host.outgoing.popleft()
+    kind, agent_id, action_name, payload, delivery, sender, extra = host.outgoing.popleft()
+    assert extra is None
     assert (kind, agent_id, action_name, delivery) == (TELL, "Counter/x", "hit", 0)
     assert sender == "Probe/sender"
     assert isinstance(payload, bytes) and unpack(payload) == {"n": 3}
