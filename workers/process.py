@@ -81,6 +81,7 @@ from phoenix_node.state.store import Store
 
 from .agent import Agent, check_action_name, check_agent_id_arg
 from .engine import Engine, Msg, Output
+from .gossip import Gossip, Rumor
 from .host import OK, AgentHost, error_payload
 from .mailbox import MailboxPolicy
 from .placement import owner_index
@@ -193,6 +194,7 @@ class _Worker:
             )
         except StateError as exc:
             raise _BootError(f"cannot load the outbox or subscriptions: {exc}") from exc
+        self.gossip = Gossip(spec.index, range(spec.workers))
         self.router = make_router(self.ctx)
         try:
             self.router.bind(worker_ipc_endpoint(spec.node_id, spec.index))
@@ -215,7 +217,7 @@ class _Worker:
         spec = self.spec
         next_beat = 0.0
         next_passivate = time.monotonic() + spec.passivate_interval
-        next_sweep = time.monotonic() + 60.0
+        next_sweep = time.monotonic() + 10.0
         try:
             while True:
                 now = time.monotonic()
@@ -251,7 +253,9 @@ class _Worker:
                     self._run_engine()
                 if now >= next_sweep:
                     self.engine.sweep_dedup()
-                    next_sweep = now + 60.0
+                    # anti-entropy for a subscription change whose gossip was lost
+                    self.engine.load_subscriptions()
+                    next_sweep = now + 10.0
         finally:
             self._close()
 
@@ -308,7 +312,7 @@ class _Worker:
         elif kind in (SUBSCRIBE, UNSUBSCRIBE):
             self._subscription(kind, corr, subject, action, attrs, route)
         elif kind == ADMIN:
-            self._admin(corr, action, route)
+            self._admin(corr, action, route, payload)
         else:
             self.bad_frames += 1
             self.engine._replies[route].append(
@@ -401,11 +405,11 @@ class _Worker:
         engine._credits[route] += 1
         engine._replies[route].append((corr, OK, b"\xc0"))
 
-    def _admin(self, corr: int, action: str, route: tuple[bytes, ...]) -> None:
+    def _admin(self, corr: int, action: str, route: tuple[bytes, ...], payload: bytes) -> None:
         engine, outbox = self.engine, self.engine.outbox
         result: Any
-        if action == "reload_subscriptions":
-            engine.load_subscriptions()
+        if action == "gossip":
+            self._on_rumor(payload)
             return  # from another worker: no answer
         if action == "dead_letters":
             result = [
@@ -448,10 +452,25 @@ class _Worker:
                     self.engine.forget_route(route)
                     break
         if out.subscriptions_changed:
-            note = [b"", encode_request(ADMIN, 0, "", "reload_subscriptions"), b""]
-            for owner in range(self.spec.workers):
-                if owner != self.spec.index:
-                    self._send_peer(owner, note)
+            _, pushes = self.gossip.start("subscriptions", None)
+            self._push_rumors(pushes)
+
+    def _push_rumors(self, pushes: list[tuple[Any, Rumor]]) -> None:
+        for peer, rumor in pushes:
+            note = [b"", encode_request(ADMIN, 0, "", "gossip"), pack(rumor.to_wire())]
+            self._send_peer(int(peer), note)
+
+    def _on_rumor(self, payload: bytes) -> None:
+        try:
+            rumor = Rumor.from_wire(unpack(payload))
+        except (ValueError, ProtocolError) as exc:
+            self.bad_frames += 1
+            log.warning("worker %d: bad gossip frame: %s", self.spec.index, exc)
+            return
+        new, pushes = self.gossip.receive(rumor)
+        if new and rumor.topic == "subscriptions":
+            self.engine.load_subscriptions()
+        self._push_rumors(pushes)
 
     def _send_forwards(self) -> None:
         fwd = self._fwd
