@@ -10,8 +10,9 @@ among 16 peers and ``fanout`` 2, about 98.5 % of the peers hear each rumor
 against 90 % from the direct push alone (simulated in
 ``tests/workers/test_gossip.py``), and a peer sends at most ``fanout``
 messages per rumor it relays. For the rare miss, callers keep an
-anti-entropy path (the workers re-read the subscription table every 10 s). Rumors are idempotent notices (for example "the
-subscription table changed: reload it"), never data that must arrive once.
+anti-entropy path (the workers re-read the subscription table every 10 s).
+Rumors are idempotent notices (for example "the subscription table changed:
+reload it"), never data that must arrive once.
 
 Inside a node the peers are the other workers (their ipc endpoints); the
 cluster extends the same :class:`Gossip` to other nodes by giving it more
