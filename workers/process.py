@@ -12,11 +12,13 @@ and the other workers of the node). A message for an agent that another
 worker owns is forwarded once, over that worker's ipc endpoint, and the reply
 is relayed back.
 
-The loop, once per iteration: poll; receive up to ``batch_size`` messages
-without blocking; run them (and the tells agents sent to agents of this
-worker); commit the state of every changed agent in one LMDB transaction; only
-then send the replies; write a heartbeat line to the supervisor's pipe if one
-is due; passivate idle agents if due.
+The loop, once per iteration: poll; read up to ``batch_size`` messages
+without blocking and hand them to the message engine (:mod:`workers.engine`:
+mailboxes, delivery guarantees, pub/sub); let it run queued messages; commit
+everything of the iteration in one LMDB transaction; only then send the
+replies (batched per sender), the credits, the messages for other workers and
+the events for subscribed clients; write a heartbeat line to the supervisor's
+pipe if one is due; passivate idle agents if due.
 
 Heartbeats: a JSON line on a pipe, written by the loop itself, so a worker
 whose loop is stuck (or which is stopped with SIGSTOP) stops sending them and
