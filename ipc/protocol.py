@@ -308,7 +308,7 @@ def check_fields(
             raise ProtocolError(f"action {action[:40]!r} is not an identifier of <= 128 chars")
     elif kind in (PUBLISH, SUBSCRIBE, UNSUBSCRIBE) and (not subject or len(subject) > MAX_TOPIC):
         raise ProtocolError(f"topic must be a non-empty str of at most {MAX_TOPIC} chars")
-    if delivery and kind != PUBLISH and not isinstance(attrs.get("source"), str):
+    if delivery and not isinstance(attrs.get("source"), str):
         raise ProtocolError("delivery at_least_once and stronger need a 'source' attribute")
     return kind, corr, subject, action, delivery, attrs
 

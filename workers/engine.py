@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -58,6 +59,7 @@ from ipc.protocol import (
     UNSUBSCRIBE,
     ErrorCode,
     encode_entry,
+    encode_request,
     pack,
     unpack,
 )
@@ -79,6 +81,7 @@ log = logging.getLogger("phoenix.worker")
 Route = tuple[bytes, ...]
 _SUB_PREFIX = b"sub/"
 _CAUSAL_PREFIX = b"causal/"
+_SUBS_VERSION = b"subs-version"
 
 
 class Msg:
@@ -154,6 +157,8 @@ class Output:
     events: dict[Route, list[tuple[int, bytes]]]
     #: True when the subscription table changed (tell the other workers)
     subscriptions_changed: bool
+    #: whole messages for other workers, with the original sender's route
+    forwards: list[tuple[int, list[bytes]]]
 
 
 @dataclass
@@ -212,9 +217,11 @@ class Engine:
         self.client_subs: dict[tuple[Route, str], _ClientSub] = {}
         self._sub_writes: dict[bytes, bytes | None] = {}
         self._subs_changed = False
+        self._subs_token: bytes | None = None
         self._replies: dict[Route, list[tuple[int, int, bytes]]] = defaultdict(list)
         self._credits: dict[Route, int] = defaultdict(int)
         self._remote: dict[int, list[bytes]] = defaultdict(list)
+        self._forwards: list[tuple[int, list[bytes]]] = []
         self._events: dict[Route, list[tuple[int, bytes]]] = defaultdict(list)
         self._local_acks: list[tuple[int, str]] = []
         self._next_corr = 0
@@ -295,12 +302,19 @@ class Engine:
         if owner == self.index:
             self._enqueue(msg)
             return
+        if msg.route is not None:
+            # (a redirect) the owner answers the original sender through this worker
+            header = encode_request(
+                msg.kind, msg.corr, msg.subject, msg.action, msg.delivery, msg.attrs
+            )
+            self._forwards.append((owner, [*msg.route, b"", header, msg.data]))
+            return
+        if msg.ack_id is not None:
+            self._local_acks.append((msg.ack_id, ""))  # handed on, at most once from here
         self._next_corr += 1
         self._remote[owner].append(
             encode_entry(TELL, self._next_corr, msg.subject, msg.action, 0, None, msg.data)
         )
-        if msg.route is not None:
-            self._credits[msg.route] += 1
 
     # --- running -----------------------------------------------------------------------
 
@@ -322,7 +336,12 @@ class Engine:
                 if bucket is not None:
                     bucket.try_take(len(msgs))
                 for msg in msgs:
-                    self._execute(msg)
+                    try:
+                        self._execute(msg)
+                    except Exception:
+                        # A bug must cost one message, not the worker and its agents.
+                        log.exception("unexpected error running %r", msg)
+                        self._refuse(msg, ErrorCode.INTERNAL, "internal error (see the log)")
                 done += len(msgs)
                 if not mailbox.pending:
                     del self.ready[agent_id]
@@ -538,6 +557,9 @@ class Engine:
             if hit is not None:
                 self._answer(msg, hit[0], hit[1])
                 return
+        token = self.store.get("registry", _SUBS_VERSION)
+        if token != self._subs_token:
+            self.load_subscriptions()  # another worker changed them: read your writes
         topic = msg.subject
         kwargs = _event_kwargs(topic, msg.data)
         delivered = 0
@@ -547,7 +569,7 @@ class Engine:
                 if sub.delivery == AT_MOST_ONCE:
                     self._route(Msg(TELL, 0, sub.agent, sub.action, 0, {}, kwargs, None))
                 else:
-                    attrs = {"source": self.source, "subject": topic}
+                    attrs = {"source": self.source}
                     self._stage_outbox(sub.agent, sub.action, sub.delivery, attrs, kwargs)
             else:
                 self._events[sub.route].append(
@@ -601,6 +623,7 @@ class Engine:
     def load_subscriptions(self) -> int:
         """(Re)load the agents' subscriptions stored with the node; clients' stay."""
         table: TopicTable[_AgentSub | _ClientSub] = TopicTable()
+        self._subs_token = self.store.get("registry", _SUBS_VERSION)
         n = 0
         for _, raw in self.store.iter_items("registry", _SUB_PREFIX):
             try:
@@ -625,6 +648,10 @@ class Engine:
                 batch.delete("registry", key)
             else:
                 batch.put("registry", key, value)
+        if self._sub_writes:
+            # a new token per change: a worker whose cached token differs reloads
+            self._subs_token = os.urandom(8)
+            batch.put("registry", _SUBS_VERSION, self._subs_token)
         for agent_id in self._causal_dirty:
             inbox = self.inboxes.get(agent_id)
             if inbox is not None:
@@ -673,7 +700,9 @@ class Engine:
             dict(self._remote),
             dict(self._events),
             self._subs_changed,
+            self._forwards,
         )
+        self._forwards = []
         self._replies.clear()
         self._credits.clear()
         self._remote.clear()

@@ -88,7 +88,7 @@ from .host import OK, AgentHost, error_payload
 from .mailbox import MailboxPolicy
 from .placement import owner_index
 from .ratelimit import RateLimit
-from .topics import check_pattern
+from .topics import check_pattern, check_topic
 
 __all__ = ["WorkerExit", "WorkerSpec", "run_worker"]
 
@@ -304,12 +304,17 @@ class _Worker:
         if kind in (ASK, TELL):
             owner = owner_index(subject, self.spec.workers)
             if owner != self.spec.index:
-                self._forward(owner, frames)
+                self._forward(owner, frames, corr)
                 return
             self._accept(kind, corr, subject, action, delivery, attrs, payload, route)
         elif kind == BATCH:
             self._ingest_batch(payload, attrs, route)
         elif kind == PUBLISH:
+            try:
+                check_topic(subject)
+            except ValueError as exc:
+                self._refuse(route, corr, ErrorCode.BAD_REQUEST, str(exc))
+                return
             self._accept(kind, corr, subject, action, delivery, attrs, payload, route)
         elif kind in (SUBSCRIBE, UNSUBSCRIBE):
             self._subscription(kind, corr, subject, action, attrs, route)
@@ -317,6 +322,7 @@ class _Worker:
             self._admin(corr, action, route, payload)
         else:
             self.bad_frames += 1
+            self.engine._credits[route] += 1
             self.engine._replies[route].append(
                 (corr, ErrorCode.BAD_REQUEST, pack(error_payload(
                     ErrorCode.BAD_REQUEST,
@@ -358,6 +364,15 @@ class _Worker:
                 self._refuse(route, entry.corr_id, entry.code, str(entry))
                 continue
             kind, corr, subject, action, delivery, attrs, data = entry
+            try:
+                if attrs is not defaults:
+                    check_attrs(attrs)
+                if kind == PUBLISH:
+                    check_topic(subject)
+            except (ProtocolError, ValueError) as exc:
+                self.bad_frames += 1
+                self._refuse(route, corr, ErrorCode.BAD_REQUEST, str(exc))
+                continue
             if kind != PUBLISH:
                 owner = owner_index(subject, workers)
                 if owner != index:
@@ -392,8 +407,11 @@ class _Worker:
                 if kind == SUBSCRIBE:
                     check_action_name(action)
                     delivery = attrs.get("phoenixsubdelivery", 1)
-                    if type(delivery) is not int or not 0 <= delivery <= 3:
-                        raise ValueError("phoenixsubdelivery must be 0..3")
+                    if type(delivery) is not int or not 0 <= delivery <= 2:
+                        raise ValueError(
+                            "phoenixsubdelivery must be 0..2 (causal order is not "
+                            "available for subscriptions)"
+                        )
                     engine.subscribe_agent(pattern, agent, action, delivery)
                 else:
                     engine.unsubscribe_agent(pattern, agent)
@@ -435,6 +453,7 @@ class _Worker:
         self.bad_frames += 1
         if stack and stack[0]:
             self._reply(stack, corr, code, error_payload(code, message))
+            self.engine._credits[tuple(stack)] += 1
 
     def _send_output(self, out: Output) -> None:
         send = self._send
@@ -453,6 +472,8 @@ class _Worker:
                 if not self._send([*route, b"", encode_reply_kind(EVENT, sub_id), body], gone=True):
                     self.engine.forget_route(route)
                     break
+        for owner, frames in out.forwards:
+            self._forward(owner, frames)
         if out.subscriptions_changed:
             _, pushes = self.gossip.start("subscriptions", None)
             self._push_rumors(pushes)
@@ -499,15 +520,16 @@ class _Worker:
             self.dropped_replies += 1  # outbox entries are sent again; others are lost
             return False
 
-    def _forward(self, owner: int, frames: list[bytes]) -> None:
+    def _forward(self, owner: int, frames: list[bytes], corr: int = 0) -> None:
         if self._send_peer(owner, frames):
             self.forwarded += 1
             return
         stack, _, _ = split_envelope(frames)
         if stack:
+            self.engine._credits[tuple(stack)] += 1
             self._reply(
                 stack,
-                0,
+                corr,
                 ErrorCode.UNAVAILABLE,
                 error_payload(
                     ErrorCode.UNAVAILABLE,
@@ -577,7 +599,7 @@ class _Worker:
             "mailboxes": sum(1 for m in engine.mailboxes.values() if m.pending),
             "queued": sum(m.pending for m in engine.mailboxes.values()),
             "outbox": engine.outbox.pending,
-            "dead_letters": engine.outbox.statistics().get("dead_letters", 0),
+            "dead_lettered": engine.outbox.statistics()["dead_total"],
             "subscriptions": len(engine.topics),
             **engine.stats,
         }
