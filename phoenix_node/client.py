@@ -640,6 +640,8 @@ class Client:
         if getattr(self, "_holding", 0):
             return
         self._commit()
+        if self._outbox.pending:
+            self._poll(0)  # acks already here must not be re-sent as "overdue"
         due = self._outbox.due()
         if not due:
             return

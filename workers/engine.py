@@ -226,6 +226,9 @@ class Engine:
         self._local_acks: list[tuple[int, str]] = []
         self._next_corr = 0
         self.stats: dict[str, int] = defaultdict(int)
+        for counter in ("refused", "duplicates", "redirected", "published", "fanout",
+                        "outbox_full"):  # fmt: skip
+            self.stats[counter] = 0
         self._resume_spilled()
         self.load_subscriptions()
 
