@@ -134,7 +134,8 @@ class Client:
         self.timeout = timeout
         self.route = route
         self.window = window
-        self.batch_size = batch_size
+        # a batch never holds more than the window allows in flight
+        self.batch_size = min(batch_size, window)
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
         self._pid = os.getpid()

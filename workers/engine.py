@@ -321,12 +321,17 @@ class Engine:
 
     # --- running -----------------------------------------------------------------------
 
-    def run(self, budget: int) -> int:
-        """Run up to ``budget`` queued messages, round-robin over agents; returns how
-        many ran. Messages the actions send are queued or staged as they go."""
+    def run(self, budget: int, max_seconds: float = 0.02) -> int:
+        """Run up to ``budget`` queued messages, round-robin over agents, for at most
+        about ``max_seconds`` (so slow actions cannot hold every reply of the
+        iteration back: the rest runs next iteration); returns how many ran.
+        Messages the actions send are queued or staged as they go."""
         done = 0
         host = self.host
+        deadline = time.monotonic() + max_seconds
         while self.ready and done < budget:
+            if done and time.monotonic() >= deadline:
+                break
             for agent_id in list(self.ready):
                 mailbox = self.mailboxes[agent_id]
                 n = min(self.quantum, budget - done)
@@ -346,11 +351,12 @@ class Engine:
                         log.exception("unexpected error running %r", msg)
                         self._refuse(msg, ErrorCode.INTERNAL, "internal error (see the log)")
                 done += len(msgs)
-                if not mailbox.pending:
-                    del self.ready[agent_id]
+                del self.ready[agent_id]
+                if mailbox.pending:
+                    self.ready[agent_id] = None  # to the back of the line: round-robin
                 if host.outgoing:
                     self._drain_outgoing()
-                if done >= budget:
+                if done >= budget or time.monotonic() >= deadline:
                     break
             if self.ready and all(self._throttled(a) for a in self.ready):
                 break

@@ -304,7 +304,11 @@ class _Worker:
         if kind in (ASK, TELL):
             owner = owner_index(subject, self.spec.workers)
             if owner != self.spec.index:
-                self._forward(owner, frames, corr)
+                # queued with the iteration's other forwards: a sender's messages keep
+                # their order whether they came alone or in a BATCH
+                self._fwd[(owner, route)].append(
+                    encode_entry(kind, corr, subject, action, delivery, attrs or None, payload)
+                )
                 return
             self._accept(kind, corr, subject, action, delivery, attrs, payload, route)
         elif kind == BATCH:
