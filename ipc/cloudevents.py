@@ -89,6 +89,7 @@ from .protocol import (
     UNSUBSCRIBE,
     ErrorCode,
     check_agent_id,
+    header_fields,
     pack,
     unpack,
 )
@@ -576,20 +577,10 @@ def from_wire(header: bytes, payload: bytes) -> Event:
     Raises ProtocolError (BAD_REQUEST, or UNSUPPORTED_VERSION), with ``corr_id`` set once
     the header got far enough for the sender to be answered.
     """
-    if len(header) > MAX_HEADER:
-        raise _bad(f"header of {len(header)} bytes exceeds {MAX_HEADER}")
-    fields = unpack(header)
-    if type(fields) is not list or len(fields) < 5:
+    fields = header_fields(header)  # size, version and corr: one check for every reader
+    if len(fields) < 5:
         raise _bad("request header must be [1, kind, corr, subject, action, delivery, attrs]")
-    if type(fields[0]) is not int or fields[0] != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {str(fields[0])[:20]} is not supported (this node speaks "
-            f"{PROTOCOL_VERSION})",
-            code=ErrorCode.UNSUPPORTED_VERSION,
-        )
     corr = fields[2]
-    if type(corr) is not int or not 0 <= corr < _U64:
-        raise _bad("corr must be an unsigned 64-bit int")
     try:
         return _event_from_header(fields, payload)
     except ProtocolError as exc:

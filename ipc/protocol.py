@@ -247,7 +247,8 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes], bytes, bytes]:
     return stack, frames[n - 2], frames[n - 1]
 
 
-def _header_array(frame: bytes) -> list[Any]:
+def header_fields(frame: bytes) -> list[Any]:
+    """A header frame as an array, its size, version and corr checked."""
     if len(frame) > MAX_HEADER:
         raise ProtocolError(f"header of {len(frame)} bytes exceeds {MAX_HEADER}")
     header = unpack(frame)
@@ -275,7 +276,7 @@ Request = tuple[int, int, str, str, int, dict[str, Any]]
 
 def decode_request(frame: bytes) -> Request:
     """Decode a request header into ``(kind, corr_id, subject, action, delivery, attrs)``."""
-    header = _header_array(frame)
+    header = header_fields(frame)
     if len(header) < 5:
         raise ProtocolError("request header must be [version, kind, corr_id, agent_id, action]")
     try:
@@ -381,7 +382,7 @@ def decode_reply_header(frame: bytes) -> tuple[int, int]:
 
 def decode_reply_kind(frame: bytes) -> tuple[int, int, int]:
     """Decode a reply-direction header into ``(kind, corr_id, status)``."""
-    header = _header_array(frame)
+    header = header_fields(frame)
     kind, status = header[1], header[3]
     if type(kind) is not int or kind not in _REPLY_KINDS:
         raise ProtocolError(f"expected a reply-direction header, got kind {kind!r:.40}")
