@@ -44,6 +44,7 @@ from ipc.protocol import (
     check_agent_id,
     pack,
 )
+from phoenix_node.delivery import parse_delivery
 from phoenix_node.state import CRDT, AgentState, StateError, StateSchema
 
 from ._errors import PluginError
@@ -312,15 +313,9 @@ def _validate_action(where: str, cls: type, name: str, fn: Callable[..., Any]) -
             )
 
 
-_DELIVERY = {"at_most_once": 0, "at_least_once": 1, "exactly_once": 2, "causal": 3}
-
-
 def delivery_code(delivery: str) -> int:
     """The wire code of a delivery guarantee name; ValueError naming the valid ones."""
-    code = _DELIVERY.get(delivery) if isinstance(delivery, str) else None
-    if code is None:
-        raise ValueError(f"delivery {delivery!r} is not one of {', '.join(_DELIVERY)}")
-    return code
+    return int(parse_delivery(delivery))
 
 
 def check_agent_id_arg(agent_id: object) -> None:
