@@ -67,7 +67,7 @@ from bench.baselines import (  # noqa: E402
 )
 from bench.node_bench import environment  # noqa: E402
 from phoenix_node import Client, Node  # noqa: E402
-from phoenix_node.delivery import RetryPolicy  # noqa: E402
+from phoenix_node.state.delivery import RetryPolicy  # noqa: E402
 from workers.placement import owner_index  # noqa: E402
 
 __all__ = ["TARGETS", "main", "run_bench"]

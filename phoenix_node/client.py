@@ -78,7 +78,6 @@ from workers.causal import CausalClock
 from workers.placement import owner_index
 from workers.topics import check_pattern, check_topic
 
-from .delivery import Outbox, RetryPolicy, parse_delivery
 from .errors import (
     AskTimeoutError,
     BackpressureError,
@@ -90,6 +89,7 @@ from .errors import (
     WorkerLostError,
     error_from_reply,
 )
+from .state.delivery import Outbox, RetryPolicy, parse_delivery
 from .state.store import Store
 
 __all__ = ["Client", "Event"]

@@ -44,8 +44,8 @@ from ipc.protocol import (
     check_agent_id,
     pack,
 )
-from phoenix_node.delivery import parse_delivery
 from phoenix_node.state import CRDT, AgentState, StateError, StateSchema
+from phoenix_node.state.delivery import parse_delivery
 
 from ._errors import PluginError
 from .mailbox import MailboxPolicy

@@ -63,8 +63,8 @@ from ipc.protocol import (
     pack,
     unpack,
 )
-from phoenix_node.delivery import DedupLog, Outbox, OutboxFullError, RetryPolicy
 from phoenix_node.state import StateError
+from phoenix_node.state.delivery import DedupLog, Outbox, OutboxFullError, RetryPolicy
 from phoenix_node.state.store import Store, WriteBatch
 
 from .causal import CausalClock, CausalError, CausalInbox

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from phoenix_node.delivery import (
+from phoenix_node.state.delivery import (
     MAX_MSG_ID,
     DeadLetter,
     DedupLog,
@@ -608,7 +608,7 @@ def test_dedup_rejects_bad_construction(store: Store) -> None:
 
 CHILD = r"""
 import sys
-from phoenix_node.delivery import Outbox
+from phoenix_node.state.delivery import Outbox
 from phoenix_node.state.store import Store
 
 def payload(i):

@@ -65,8 +65,8 @@ from typing import Any, Final
 
 import msgpack
 
-from phoenix_node.state._errors import DecodeError
-from phoenix_node.state.store import Store, WriteBatch
+from ._errors import DecodeError
+from .store import Store, WriteBatch
 
 __all__ = [
     "FORMAT_VERSION",
