@@ -214,6 +214,10 @@ def _owner_prefix(owner: object) -> bytes:
     return bytes([len(owner)]) + owner
 
 
+_MAX_CACHED_SOURCES = 100_000
+_MAX_RECENT = 200_000  # DedupLog: records kept in memory to skip reads for new messages
+
+
 def _source_part(source: object) -> bytes:
     if not isinstance(source, str) or not source:
         raise ValueError(f"source must be a non-empty str, got {source!r}")
@@ -362,6 +366,9 @@ class OutboxEntry:
     attempts: int = 0
     next_due: float = 0.0
     added: float = field(default=0.0, repr=False)
+    sent_at: float = field(default=0.0, repr=False)
+    # The due time of this entry's one authoritative heap item (others are stale).
+    heap_due: float = field(default=-1.0, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +432,10 @@ class Outbox:
         self._expired: deque[DeadLetter] = deque(maxlen=1000)
         self._dead_total = 0
         self._loaded = False
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._rto = self.policy.initial
+        self._backoff = [0.0] + [self.policy.delay(a) for a in range(1, 65)]
 
     # ------------------------------------------------------------- keys
 
@@ -501,15 +512,60 @@ class Outbox:
 
     def _schedule(self, entry: OutboxEntry, when: float) -> None:
         entry.next_due = when
+        if entry.heap_due >= 0 and entry.heap_due <= when:
+            return  # its heap item pops first and is pushed again then (see due())
+        self._push(entry, when)
+
+    def _push(self, entry: OutboxEntry, when: float) -> None:
+        entry.heap_due = when
         heapq.heappush(self._heap, (when, next(self._seq), entry))
         if len(self._heap) > 2 * len(self._entries) + 1024:
-            # Every reschedule leaves a stale heap item behind: drop them now and then.
+            # Rescheduling earlier leaves a stale heap item behind: drop them now and then.
             # In place: due() holds a reference to the list while it pops.
             self._heap[:] = [item for item in self._heap if self._is_live(item[2], item[0])]
             heapq.heapify(self._heap)
 
     def _is_live(self, entry: OutboxEntry, due: float) -> bool:
-        return self._entries.get(entry.msg_id) is entry and entry.next_due == due
+        return self._entries.get(entry.msg_id) is entry and entry.heap_due == due
+
+    # ------------------------------------------------------ retry timing
+
+    @property
+    def rto(self) -> float:
+        """The first-retry delay now: the policy's ``initial``, or more when acks take
+        longer (smoothed round trip + 4 deviations, as TCP computes it), at most
+        ``max_delay``. Retries after the first multiply it like the policy does."""
+        return self._rto
+
+    def _observe_rtt(self, sample: float) -> None:
+        # Jacobson/Karels; Karn: only entries sent once give samples (see ack()).
+        if self._srtt is None:
+            self._srtt, self._rttvar = sample, sample / 2
+        else:
+            self._rttvar += 0.25 * (abs(self._srtt - sample) - self._rttvar)
+            self._srtt += 0.125 * (sample - self._srtt)
+        policy = self.policy
+        self._rto = min(max(policy.initial, self._srtt + 4 * self._rttvar), policy.max_delay)
+
+    def _retry_delay(self, attempts: int, rng: random.Random | None) -> float:
+        """Seconds after the ``attempts``-th send before the next one (jittered when
+        ``rng`` is given): the policy's backoff, or the round-trip estimate's if longer.
+        The hot path of every send: no argument checks, a table for the backoff."""
+        policy = self.policy
+        table = self._backoff
+        base = table[attempts] if attempts < len(table) else policy.max_delay
+        if self._rto > policy.initial:
+            scaled = self._rto * policy.multiplier ** min(attempts - 1, 64)
+            base = max(base, min(scaled, policy.max_delay))
+        if rng is not None and policy.jitter:
+            base = min(base * (1.0 + rng.uniform(-policy.jitter, policy.jitter)), policy.max_delay)
+        return base
+
+    def _rto_floor(self, attempts: int) -> float:
+        """The earliest re-send the current estimate allows, jitter included."""
+        policy = self.policy
+        scaled = self._rto * policy.multiplier ** min(attempts - 1, 64)
+        return min(scaled, policy.max_delay) * (1.0 - policy.jitter)
 
     # ---------------------------------------------------------- sending
 
@@ -527,10 +583,24 @@ class Outbox:
             due, _, entry = heapq.heappop(heap)
             if not self._is_live(entry, due):
                 continue
-            if entry.attempts > self.policy.max_retries:
+            entry.heap_due = -1.0
+            attempts = entry.attempts
+            not_before = entry.next_due  # later than ``due`` when rescheduled lazily
+            if attempts and self._rto > self.policy.initial:
+                # Not before the delay the current round-trip estimate asks for: acks
+                # slower than the policy expected (a busy receiver) must not cause a
+                # storm of re-sends of messages that are merely queued.
+                not_before = max(not_before, entry.sent_at + self._rto_floor(attempts))
+            if not_before > now:
+                self._push(entry, not_before)
+                continue
+            if attempts > self.policy.max_retries:
                 self._kill(entry, "max_retries")
                 continue
-            self._schedule(entry, now + self.policy.delay(max(entry.attempts, 1), self._rng))
+            # Back after the backoff if the caller cannot send it now (not counted). The
+            # low end of the jitter, so that sent() only ever moves it later (no push).
+            delay = self._retry_delay(max(attempts, 1), None) * (1.0 - self.policy.jitter)
+            self._schedule(entry, now + delay)
             out.append(entry)
         return out
 
@@ -540,7 +610,8 @@ class Outbox:
             return
         now = self._clock() if now is None else now
         entry.attempts += 1
-        self._schedule(entry, now + self.policy.delay(entry.attempts, self._rng))
+        entry.sent_at = now
+        self._schedule(entry, now + self._retry_delay(entry.attempts, self._rng))
 
     def ack(self, msg_id: int) -> bool:
         """Forget a delivered message; False if it is not pending (unknown, acked, dead)."""
@@ -548,6 +619,8 @@ class Outbox:
         entry = self._entries.pop(msg_id, None)
         if entry is None:
             return False
+        if entry.attempts == 1:
+            self._observe_rtt(self._clock() - entry.sent_at)
         if self._store is not None:
             self._table.delete(self._key(b"m", msg_id))
         return True
@@ -674,6 +747,7 @@ class Outbox:
             "dead_total": self._dead_total,
             "high_water": self._high,
             "max_pending": self._max_pending,
+            "rto": self._rto,
         }
 
 
@@ -722,9 +796,45 @@ class DedupLog:
         self._count_key = self._prefix + b"c"
         raw = store.get("dedup", self._count_key)
         self._count = 0 if raw is None else _u64("dedup count", self._count_key, raw)
+        # A new message (the common case) must cost no read. Per source, the highest
+        # msg_id ever recorded is persisted with the records (``_highs``). ``_base``
+        # holds it as it was when this instance first met the source, and ``_recent``
+        # every record made since above it: so an id above the base and not recent
+        # has no record, whatever order the messages run in.
+        self._highs: dict[bytes, int] = {}
+        self._base: dict[bytes, int] = {}
+        self._recent: set[tuple[bytes, int]] = set()
+        self._parts: dict[str, bytes] = {}
+
+    def _part(self, source: str) -> bytes:
+        part = self._parts.get(source) if type(source) is str else None
+        if part is None:
+            part = _source_part(source)
+            if len(self._parts) >= _MAX_CACHED_SOURCES:
+                self._parts.clear()
+                self._highs.clear()
+                self._base.clear()
+                self._recent.clear()
+            self._parts[source] = part
+        return part
+
+    def _base_of(self, part: bytes) -> int:
+        base = self._base.get(part)
+        if base is None:
+            base = self._base[part] = self._high(part)
+        return base
+
+    def _high(self, part: bytes) -> int:
+        high = self._highs.get(part)
+        if high is None:
+            key = self._prefix + b"h" + part
+            raw = self._table.get(key)
+            high = 0 if raw is None else _u64("dedup high-water mark", key, raw)
+            self._highs[part] = high
+        return high
 
     def _record_key(self, source: str, msg_id: int) -> bytes:
-        return self._prefix + b"r" + _source_part(source) + _U64.pack(_check_msg_id(msg_id))
+        return self._prefix + b"r" + self._part(source) + _U64.pack(_check_msg_id(msg_id))
 
     def _index_key(self, when: float, tail: bytes) -> bytes:
         micros = min(max(int(when * 1_000_000), 0), MAX_MSG_ID)
@@ -733,6 +843,9 @@ class DedupLog:
     def lookup(self, source: str, msg_id: int) -> tuple[int, bytes] | None:
         """``(status, reply_body)`` of an already processed message (staged or committed)."""
         key = self._record_key(source, msg_id)
+        part = key[len(self._prefix) + 1 : -8]
+        if msg_id > self._base_of(part) and (part, msg_id) not in self._recent:
+            return None
         value = self._table.get(key)
         if value is None:
             return None
@@ -746,7 +859,10 @@ class DedupLog:
         if not isinstance(body, bytes):
             raise TypeError(f"body must be bytes, got {type(body).__name__}")
         tail = key[len(self._prefix) + 1 :]
-        old = self._table.get(key)
+        part = tail[:-8]
+        high = self._high(part)
+        new = msg_id > self._base_of(part) and (part, msg_id) not in self._recent
+        old = None if new else self._table.get(key)
         if old is None:
             self._count += 1
         else:
@@ -756,6 +872,16 @@ class DedupLog:
         self._table.put(key, _pack(now, status, body))
         self._table.put(self._index_key(now, tail), b"")
         self._table.put(self._count_key, _U64.pack(self._count))
+        if msg_id > high:
+            self._highs[part] = msg_id
+            self._table.put(self._prefix + b"h" + part, _U64.pack(msg_id))
+        if msg_id > self._base_of(part):
+            if len(self._recent) >= _MAX_RECENT:
+                # Every record is at or below its source's high now: start over from there.
+                self._base = {p: self._high(p) for p in self._base}
+                self._recent.clear()
+            else:
+                self._recent.add((part, msg_id))
 
     def __len__(self) -> int:
         """Records of this owner, staged ones included."""

@@ -185,6 +185,60 @@ def test_due_without_sent_comes_back_later_without_counting(store: Store) -> Non
     assert entry.attempts == 0
 
 
+def _drain_sends(policy: RetryPolicy, store: Store, n: int, per_ack: float) -> int:
+    """Sends of ``n`` messages to a receiver that acks one every ``per_ack`` seconds, in
+    order (a deep queue), while the sender polls every 10 ms: how many sends it took."""
+    clock = FakeClock()
+    box = Outbox(store, b"w0", policy, clock)
+    for i in range(1, n + 1):
+        box.add(i, "d", b"")
+    sends, acked, start = 0, 0, clock.now
+    while acked < n:
+        for e in box.due():
+            box.sent(e)
+            sends += 1
+        clock.now += 0.01
+        while acked < n and clock.now - start >= (acked + 1) * per_ack:
+            acked += 1
+            box.ack(acked)
+    return sends
+
+
+def test_slow_acks_stretch_the_retry_delay_so_queued_messages_are_not_resent(
+    store: Store,
+) -> None:
+    """A receiver that needs 4 s to drain a burst must not see it several times over."""
+    policy = RetryPolicy(initial=0.2, multiplier=2.0, max_delay=30.0, max_retries=8, jitter=0.0)
+    sends = _drain_sends(policy, store, 200, 0.02)
+    # The fixed policy alone would re-send message k at 0.2, 0.6, 1.4, 3.0 s ...: about
+    # 3.5 sends per message here. With the round-trip estimate almost none is re-sent: at most
+    # the messages sent before the first ack came back.
+    assert sends <= 200 * 1.25, sends
+    slow = Outbox(store, b"w1", policy, FakeClock())
+    assert slow.rto == 0.2
+
+
+def test_round_trip_samples_come_only_from_messages_sent_once(store: Store) -> None:
+    clock = FakeClock()
+    box = Outbox(store, b"w0", NO_JITTER, clock)
+    box.add(1, "d", b"")
+    (e,) = box.due()
+    box.sent(e)
+    clock.now += 1.0
+    (e,) = box.due()
+    box.sent(e)  # attempt 2: its ack could answer either send (Karn)
+    clock.now += 1.9
+    box.ack(1)
+    assert box.rto == NO_JITTER.initial
+    box.add(2, "d", b"")
+    (e,) = box.due()
+    box.sent(e)
+    clock.now += 2.5
+    box.ack(2)
+    assert 2.5 < box.rto <= NO_JITTER.max_delay
+    assert box.statistics()["rto"] == box.rto
+
+
 def test_due_respects_limit_and_order(store: Store) -> None:
     clock = FakeClock()
     box = Outbox(store, b"w0", NO_JITTER, clock)
@@ -717,3 +771,22 @@ def test_kill_9_keeps_every_committed_entry_whole(tmp_path: Path, durability: st
             assert not maybe_added & set(found), (seed, round_no)
         assert set(found) == present, (seed, round_no, sorted(set(found) ^ present)[:10])
         assert next_id > max(present | acked), seed
+
+
+def test_dedup_finds_records_out_of_order_and_after_reopen(store: Store) -> None:
+    """New messages skip the record read (above the sender's high-water mark); that
+    shortcut must never hide a record, whatever order the ids arrive in."""
+    log = DedupLog(store, b"w0")
+    for msg_id in (5, 9, 2, 7):
+        assert log.lookup("src", msg_id) is None
+        log.record("src", msg_id, 0, b"r%d" % msg_id)
+    for msg_id in (2, 5, 7, 9):
+        assert log.lookup("src", msg_id) == (0, b"r%d" % msg_id)
+    assert log.lookup("src", 8) is None and log.lookup("src", 10) is None
+    assert log.lookup("other", 1) is None
+    commit(store, log)
+    again = DedupLog(store, b"w0")
+    for msg_id in (9, 2, 7, 5):
+        assert again.lookup("src", msg_id) == (0, b"r%d" % msg_id)
+    again.record("src", 7, 3, b"new")  # replaces: still one record
+    assert len(again) == 4 and again.lookup("src", 7) == (3, b"new")
