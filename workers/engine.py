@@ -49,6 +49,7 @@ import msgpack
 
 from ipc.protocol import (
     ASK,
+    AT_LEAST_ONCE,
     AT_MOST_ONCE,
     CAUSAL,
     EXACTLY_ONCE,
@@ -82,6 +83,7 @@ Route = tuple[bytes, ...]
 _SUB_PREFIX = b"sub/"
 _CAUSAL_PREFIX = b"causal/"
 _SUBS_VERSION = b"subs-version"
+_MAX_QUEUED_KEYS = 1_000_000
 
 
 class Msg:
@@ -224,10 +226,14 @@ class Engine:
         self._forwards: list[tuple[int, list[bytes]]] = []
         self._events: dict[Route, list[tuple[int, bytes]]] = defaultdict(list)
         self._local_acks: list[tuple[int, str]] = []
+        # Guaranteed messages from other processes now waiting in a mailbox: a re-send
+        # of one (its sender's timer fired while it queued) is credited and dropped
+        # instead of running twice. Keyed like the dedup log: (source, corr).
+        self._queued: set[tuple[str, int]] = set()
         self._next_corr = 0
         self.stats: dict[str, int] = defaultdict(int)
         for counter in ("refused", "duplicates", "redirected", "published", "fanout",
-                        "outbox_full"):  # fmt: skip
+                        "outbox_full", "resends_dropped"):  # fmt: skip
             self.stats[counter] = 0
         self._resume_spilled()
         self.load_subscriptions()
@@ -244,7 +250,24 @@ class Engine:
         if route is not None and limits is not None and not limits.try_take(route[0]):
             self._refuse(msg, ErrorCode.RATE_LIMITED, "sender is over its rate limit")
             return
+        if msg.delivery == AT_LEAST_ONCE or msg.delivery == EXACTLY_ONCE:
+            key = self._queue_key(msg)
+            if key is not None:
+                if key in self._queued:
+                    self.stats["resends_dropped"] += 1
+                    self._credits[route] += 1  # type: ignore[index]
+                    return  # the queued copy is answered when it runs
+                if len(self._queued) >= _MAX_QUEUED_KEYS:
+                    self._queued.clear()  # only costs duplicates the dedup log catches
+                self._queued.add(key)
         self._enqueue(msg)
+
+    @staticmethod
+    def _queue_key(msg: Msg) -> tuple[str, int] | None:
+        source = msg.attrs.get("source")
+        if msg.route is None or not isinstance(source, str):
+            return None
+        return (source, msg.corr)
 
     def _enqueue(self, msg: Msg) -> None:
         agent_id = msg.subject
@@ -269,6 +292,10 @@ class Engine:
                 )
         elif outcome is Outcome.REDIRECTED and offer.redirect_to:
             self.stats["redirected"] += 1
+            if self._queued:
+                key = self._queue_key(msg)
+                if key is not None:
+                    self._queued.discard(key)  # it may be forwarded to another worker
             msg.subject = offer.redirect_to
             self._route(msg)
 
@@ -382,6 +409,8 @@ class Engine:
 
     def _execute_one(self, msg: Msg) -> None:
         source = msg.attrs.get("source") if msg.delivery else None
+        if source is not None and self._queued:
+            self._queued.discard((source, msg.corr))
         dedup = msg.delivery == EXACTLY_ONCE and isinstance(source, str)
         if dedup:
             hit = self.dedup.lookup(source, msg.corr)  # type: ignore[arg-type]
@@ -435,6 +464,10 @@ class Engine:
 
     def _refuse(self, msg: Msg, code: int, message: str) -> None:
         self.stats["refused"] += 1
+        if msg.delivery and self._queued:
+            key = self._queue_key(msg)
+            if key is not None:
+                self._queued.discard(key)
         body = pack(error_payload(code, message, msg.subject, msg.action))
         self._answer(msg, code, body)
 

@@ -204,8 +204,10 @@ def test_copies_resent_to_a_stopped_worker_run_once_with_exactly_once(
     start_node: StartNode, delivery: str
 ) -> None:
     """A SIGSTOPped worker gets the original and re-sent copies of every message (the
-    backoff starts at 0.2 s) in its socket; once it runs again, exactly_once runs each
-    message once (the copies may even share one batch), at_least_once more often."""
+    backoff starts at 0.2 s) in its socket; once it runs again, a copy that finds its
+    original still queued is dropped (``resends_dropped``) and one that comes after it
+    ran is answered from the dedup log (``duplicates``, exactly_once) or runs again
+    (at_least_once): exactly_once runs each message once, at_least_once at least once."""
     node = start_node(workers=WORKERS, agents=AGENTS, heartbeat_timeout=30)
     keys = _keys_on(0, "Recorder/st", 4)
     n = 200
@@ -222,13 +224,14 @@ def test_copies_resent_to_a_stopped_worker_run_once_with_exactly_once(
             os.kill(pid, signal.SIGCONT)
         c.flush(timeout=20)
         runs, seqs = _reports(c, keys)
-        duplicates = c.worker_stats()[0].get("duplicates", 0)
-    assert sorted(seqs) == list(range(n))
+        stats = c.worker_stats()[0]
+    copies = stats["duplicates"] + stats["resends_dropped"] + (runs - n)
+    assert copies >= n, "the copies never reached the worker: nothing was tested"
+    assert sorted(set(seqs)) == list(range(n))
     if delivery == "exactly_once":
-        assert runs == n, f"{runs} runs: re-sent copies ran again"
-        assert duplicates >= n, "the copies never reached the worker: nothing was tested"
+        assert runs == n == len(seqs), f"{runs} runs: re-sent copies ran again"
     else:
-        assert runs > n, "no copy was re-sent while the worker was stopped"
+        assert runs >= n
 
 
 # --- the client's durable outbox across a client crash ------------------------------------
