@@ -97,6 +97,7 @@ __all__ = ["Client", "Event"]
 _MISSING = object()
 _PLAIN_CORR = 2**63  # corr ids of unguaranteed messages; outbox ids stay below
 _FRONT = -1
+_MAX_CACHED_OWNERS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class Client:
         self._results: dict[int, tuple[int, Any]] = {}
         self._lost: set[int] = set()
         self._inflight: dict[int, int] = {}  # worker index -> messages not credited back
+        self._owners: dict[str, int] = {}  # routing key -> worker index, for this topology
         self._events: deque[Event] = deque()
         self._subscriptions: dict[int, str] = {}  # subscription corr -> pattern
         self.topology: dict[str, Any] = {}
@@ -509,6 +511,7 @@ class Client:
         if not isinstance(hello, dict) or not isinstance(hello.get("workers"), list):
             raise NodeUnreachableError(f"{self.endpoint} did not answer HELLO with a topology")
         self.topology = hello
+        self._owners.clear()
         host = self.endpoint.rpartition(":")[0]
         for endpoint in hello["workers"]:
             sock = make_dealer(self._ctx)
@@ -530,8 +533,8 @@ class Client:
         return [i if w is not None else _FRONT for i, w in enumerate(self.topology["workers"])]
 
     def _target(self, agent_id: str) -> int:
-        """The index of the worker that owns ``agent_id`` (-1: the node endpoint)."""
-        self._check_open()
+        """The index of the worker that owns ``agent_id`` (-1: the node endpoint).
+        The caller checked that the client is open (see :meth:`_delivery`)."""
         if not isinstance(agent_id, str):
             raise InvalidRequestError(f"agent id must be a str, got {type(agent_id).__name__}")
         try:
@@ -545,6 +548,9 @@ class Client:
         return self._index_for(topic)
 
     def _index_for(self, key: str) -> int:
+        index = self._owners.get(key)
+        if index is not None:
+            return index
         if not self.route:
             return _FRONT
         if not self.topology:
@@ -553,18 +559,24 @@ class Client:
         index = owner_index(key, len(workers))
         if workers[index] is None:
             return _FRONT  # that worker has not reported yet: go via the node
+        if len(self._owners) >= _MAX_CACHED_OWNERS:
+            self._owners.clear()
+        self._owners[key] = index
         return index
 
     def _socket(self, index: int) -> zmq.Socket[bytes]:
         return self._ensure_front() if index == _FRONT else self._workers[index]
 
     def _delivery(self, delivery: str) -> int:
+        """Every messaging call starts here: also the closed / forked check."""
+        self._check_open()
         try:
             return int(parse_delivery(delivery))
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(str(exc)) from None
 
     def _check_pattern(self, pattern: str) -> None:
+        self._check_open()
         try:
             check_pattern(pattern)
         except (TypeError, ValueError) as exc:
@@ -622,7 +634,9 @@ class Client:
         if delivery == CAUSAL and kind != PUBLISH:
             attrs = {"phoenixcausal": self._clock.stamp(subject)}
         entry = encode_entry(kind, corr, subject, action, delivery, attrs, data)
-        self._outbox.add(corr, str(index), entry)
+        # dest: the routing key (agent id or topic), so a send re-routes by the topology
+        # of the moment without decoding the entry.
+        self._outbox.add(corr, subject, entry)
         if kind == ASK:
             self._pending[corr] = index
         return corr
@@ -649,8 +663,8 @@ class Client:
         per_worker: dict[int, list[bytes]] = {}
         hints: dict[int, str] = {}
         for entry in due:
-            kind, _, subject = _entry_head(entry.data)
-            index = self._target_topic(subject) if kind == PUBLISH else self._index_for(subject)
+            subject = entry.dest
+            index = self._index_for(subject)
             per_worker.setdefault(index, []).append(entry.data)
             hints[index] = subject
             self._outbox.sent(entry)
@@ -781,11 +795,6 @@ class Client:
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self._lost.update(c for c, i in self._pending.items() if i == index)
                 self._inflight[index] = 0  # what it held will never be credited
-
-
-def _entry_head(data: bytes) -> tuple[int, int, str]:
-    kind, corr, subject, *_ = unpack(data)
-    return kind, corr, subject
 
 
 def _describe_dead(dead: Any) -> dict[str, Any]:
