@@ -691,9 +691,11 @@ class Engine:
             else:
                 batch.put("registry", key, value)
         if self._sub_writes:
-            # a new token per change: a worker whose cached token differs reloads
-            self._subs_token = os.urandom(8)
-            batch.put("registry", _SUBS_VERSION, self._subs_token)
+            # A new token per change: a worker whose cached token differs reloads. This
+            # worker too: another worker's change may have committed since its last
+            # reload, and adopting its own new token would hide that one for good.
+            self._subs_token = None
+            batch.put("registry", _SUBS_VERSION, os.urandom(8))
         for agent_id in self._causal_dirty:
             inbox = self.inboxes.get(agent_id)
             if inbox is not None:

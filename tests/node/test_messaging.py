@@ -217,6 +217,43 @@ def test_a_subscription_is_active_on_every_worker_once_the_call_returns(
         assert not missed, f"published after the subscribe returned, never delivered: {missed}"
 
 
+@pytest.mark.timeout(60)
+def test_subscriptions_made_on_both_workers_at_once_are_all_matched(node: Node) -> None:
+    """Two clients store subscriptions on worker 0 and worker 1 at the same time, so each
+    worker hears of the other's changes while it has its own uncommitted: after the
+    calls return, each worker must match all of them (a reload that drops its own
+    pending one, or its own write hiding the other's, loses events for good)."""
+    for round_ in range(4):  # a race: rounds make it show
+        _subscribe_on_both_workers_at_once(node, f"mix{round_}")
+
+
+def _subscribe_on_both_workers_at_once(node: Node, name: str) -> None:
+    subscribers = [[key_on(w, f"MsgSubscriber/{name}w{w}_", skip=i) for i in range(30)]
+                   for w in (0, 1)]  # fmt: skip
+    topics = [key_on(0, f"{name}.a"), key_on(1, f"{name}.b")]  # published by worker 0, 1
+
+    def subscribe(ids: list[str]) -> None:
+        with node.client() as c:
+            for s in ids:
+                c.subscribe_agent(f"{name}.#", s)
+
+    with node.client() as c:
+        for t in topics:
+            c.publish(t, 0)  # both workers have read the table (and cached its version)
+        threads = [threading.Thread(target=subscribe, args=(ids,)) for ids in subscribers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for t in topics:
+            c.publish(t, 1)
+        want = {f"{t}|1" for t in topics}
+        wait_for(lambda: settled(c), 10, "the outboxes to drain")
+        everyone = subscribers[0] + subscribers[1]
+        missed = {s: sorted(want - events_of(c, s)) for s in everyone if want - events_of(c, s)}
+        assert not missed, f"events never delivered: {missed}"
+
+
 # --- mailbox strategies -----------------------------------------------------------------------
 
 
