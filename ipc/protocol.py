@@ -53,6 +53,7 @@ from ._errors import ProtocolError
 
 __all__ = [
     "ASK",
+    "CLUSTER",
     "HELLO",
     "PROTOCOL_VERSION",
     "REPLY",
@@ -70,9 +71,10 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 ASK, TELL, HELLO, STATUS, BATCH, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, ADMIN = 1, 2, 3, 4, 5, 6, 7, 8, 9
+CLUSTER = 10  # node to node (membership); see phoenix_node.cluster.service
 REPLY, REPLY_BATCH, EVENT, CREDIT = 16, 17, 18, 19
 _REQUEST_KINDS = frozenset(
-    (ASK, TELL, HELLO, STATUS, BATCH, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, ADMIN)
+    (ASK, TELL, HELLO, STATUS, BATCH, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, ADMIN, CLUSTER)
 )
 BATCH_KINDS = frozenset((ASK, TELL, PUBLISH))
 _REPLY_KINDS = frozenset((REPLY, REPLY_BATCH, EVENT, CREDIT))

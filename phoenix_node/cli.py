@@ -33,10 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(run)
 
     default_endpoint = os.environ.get("PHOENIX_LISTEN", "tcp://127.0.0.1:7400")
-    status = sub.add_parser("status", help="show a running node's workers")
+    status = sub.add_parser("status", help="show a running node's workers and its cluster")
     status.add_argument("--endpoint", default=default_endpoint, help="node endpoint")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--timeout", type=float, default=5.0)
+
+    leave = sub.add_parser("leave", help="make a node leave its cluster gracefully, then stop")
+    leave.add_argument("--endpoint", default=default_endpoint, help="node endpoint")
+    leave.add_argument("--timeout", type=float, default=5.0)
 
     for name, text in (
         ("tell", "send a fire-and-forget message to an agent"),
@@ -72,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command in ("tell", "ask"):
             return _call(args)
+        if args.command == "leave":
+            return _leave(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -126,6 +132,40 @@ def _status(args: argparse.Namespace) -> int:
             f"{w['index']:>6} {w['pid'] or '-':>8} {w['cpu']:>4} {w['state']:<10} "
             f"{w['agents']:>8} {w['handled']:>10} {w['failed']:>7} {w['restarts']:>8}"
         )
+    cluster = status.get("cluster")
+    if isinstance(cluster, dict):
+        _print_cluster(cluster)
+    return 0
+
+
+def _print_cluster(cluster: dict[str, Any]) -> None:
+    members = cluster.get("members", [])
+    stats = cluster.get("membership", {})
+    print(
+        f"\ncluster: this node {cluster.get('state')}, {len(members)} members known, "
+        f"{cluster.get('forwarded', 0)} requests forwarded, "
+        f"{stats.get('suspicions', 0)} suspicions ({stats.get('refuted_suspicions', 0)} refuted)"
+    )
+    print(f"{'member':<28} {'incarnation':>18} {'state':<9} {'ring share':>10} {'since':>9}")
+    for m in members:
+        mark = "*" if m.get("self") else " "
+        print(
+            f"{mark}{m['address']:<27} {m['incarnation']:>18} {m['state']:<9} "
+            f"{m['share'] * 100:>9.1f}% {m['since_s']:>8.1f}s"
+        )
+
+
+def _leave(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .errors import PhoenixError
+
+    try:
+        with Client(args.endpoint, timeout=args.timeout) as client:
+            result = client.leave()
+    except PhoenixError as exc:
+        print(f"phoenix-node: {exc}", file=sys.stderr)
+        return 1
+    print(f"node {result.get('leaving')} is leaving its cluster and stopping")
     return 0
 
 

@@ -98,6 +98,7 @@ _MISSING = object()
 _PLAIN_CORR = 2**63  # corr ids of unguaranteed messages; outbox ids stay below
 _FRONT = -1
 _MAX_CACHED_OWNERS = 1_000_000
+_TOPOLOGY_REFRESH = 2.0  # seconds between HELLOs that check the node is still alone
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class Client:
         self._lost: set[int] = set()
         self._inflight: dict[int, int] = {}  # worker index -> messages not credited back
         self._owners: dict[str, int] = {}  # routing key -> worker index, for this topology
+        self._topology_expires = float("inf")  # set by the first HELLO
         self._events: deque[Event] = deque()
         self._subscriptions: dict[int, str] = {}  # subscription corr -> pattern
         self.topology: dict[str, Any] = {}
@@ -441,6 +443,46 @@ class Client:
         result: dict[str, Any] = self._take(corr, deadline, "", "status", unreachable=True)
         return result
 
+    def cluster_status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The cluster as this node sees it: members (address, incarnation, state,
+        ring share), failure-detector counters, forwarded requests."""
+        result: dict[str, Any] = self._cluster_call("cluster.status", None, timeout)
+        return result
+
+    def leave(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Make the node leave its cluster gracefully and stop (what ``phoenix-node
+        leave`` does). Returns once the node accepted; it stops right after."""
+        result: dict[str, Any] = self._cluster_call("cluster.leave", None, timeout)
+        return result
+
+    def inject_faults(
+        self,
+        *,
+        drop: float = 0.0,
+        duplicate: float = 0.0,
+        delay: float = 0.0,
+        jitter: float = 0.0,
+        partition: Iterable[str] = (),
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Set what the node does to its messages to peers (tests; the node must run with
+        ``--fault-injection``): drop / duplicate probabilities, delay ± jitter seconds,
+        and the peer addresses cut off by a partition. All zero and empty: no faults."""
+        plan = {"drop": drop, "duplicate": duplicate, "delay": delay, "jitter": jitter,
+                "partition": list(partition)}  # fmt: skip
+        result: dict[str, Any] = self._cluster_call("cluster.faults", plan, timeout)
+        return result
+
+    def _cluster_call(self, operation: str, data: Any, timeout: float | None) -> Any:
+        self._check_open()
+        front = self._ensure_front()
+        corr = next(self._corr)
+        self._pending[corr] = _FRONT
+        header = encode_request(ADMIN, corr, "", operation, 0, None)
+        self._send(front, [b"", header, b"" if data is None else pack(data)])
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        return self._take(corr, deadline, "", operation, unreachable=True)
+
     @contextmanager
     def batch(self) -> Iterator[Client]:
         """Hold guaranteed messages and send them together when the block ends."""
@@ -502,7 +544,7 @@ class Client:
         if self.route and not self.topology:
             self._connect()
 
-    def _connect(self) -> None:
+    def _hello(self) -> dict[str, Any]:
         front = self._ensure_front()
         corr = next(self._corr)
         self._pending[corr] = _FRONT
@@ -510,6 +552,23 @@ class Client:
         hello = self._take(corr, time.monotonic() + self.timeout, "", "hello", unreachable=True)
         if not isinstance(hello, dict) or not isinstance(hello.get("workers"), list):
             raise NodeUnreachableError(f"{self.endpoint} did not answer HELLO with a topology")
+        self._topology_expires = time.monotonic() + _TOPOLOGY_REFRESH
+        return hello
+
+    def _refresh_topology(self) -> None:
+        """Whether the node is still alone in its cluster changes over time (a node
+        joins): ask again now and then, so direct routing stops when it must."""
+        self._topology_expires = time.monotonic() + _TOPOLOGY_REFRESH
+        if not self.topology:
+            return
+        hello = self._hello()
+        if hello.get("direct", True) != self.topology.get("direct", True):
+            self._owners.clear()
+        self.topology["direct"] = hello.get("direct", True)
+        self.topology["cluster"] = hello.get("cluster")
+
+    def _connect(self) -> None:
+        hello = self._hello()
         self.topology = hello
         self._owners.clear()
         host = self.endpoint.rpartition(":")[0]
@@ -548,6 +607,8 @@ class Client:
         return self._index_for(topic)
 
     def _index_for(self, key: str) -> int:
+        if self.route and time.monotonic() >= self._topology_expires:
+            self._refresh_topology()
         index = self._owners.get(key)
         if index is not None:
             return index
@@ -555,6 +616,8 @@ class Client:
             return _FRONT
         if not self.topology:
             self._connect()
+        if not self.topology.get("direct", True):
+            return _FRONT  # a node of a cluster: it routes by the ring (one hop at most)
         workers = self.topology["workers"]
         index = owner_index(key, len(workers))
         if workers[index] is None:

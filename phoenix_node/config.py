@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipc import EndpointError, check_endpoint
+from phoenix_node.cluster._swim_wire import check_address
 from workers.ratelimit import RateLimit
 
 __all__ = ["OPTIONS", "ConfigError", "NodeConfig", "Option", "add_arguments", "load_config"]
@@ -53,6 +54,13 @@ def _endpoint(value: str) -> str:
         return check_endpoint(value)
     except EndpointError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _peer_endpoint(value: str) -> str:
+    """A cluster address: tcp://host:port with a real port ('' allowed: not set)."""
+    if value:
+        check_address(value)  # ValueError names the problem
+    return value
 
 
 def _rate(value: str) -> str:
@@ -152,6 +160,43 @@ OPTIONS: tuple[Option, ...] = (
         "seconds an exactly_once reply is kept to answer duplicates",
         minimum=1.0,
     ),
+    Option(
+        "seeds",
+        str,
+        [],
+        "cluster: tcp endpoints of nodes to join through (repeatable; none = a new cluster)",
+        multiple=True,
+        check=_peer_endpoint,
+    ),
+    Option(
+        "advertise",
+        str,
+        "",
+        "cluster: the endpoint other nodes reach this one at ('' = listen, as bound)",
+        check=_peer_endpoint,
+    ),
+    Option("vnodes", int, 128, "cluster: virtual nodes per node on the hash ring", minimum=1),
+    Option(
+        "probe_interval",
+        float,
+        0.5,
+        "cluster: seconds between failure-detector probes (SWIM protocol period)",
+        minimum=0.01,
+    ),
+    Option(
+        "suspicion_mult",
+        float,
+        4.0,
+        "cluster: a suspect is declared down after suspicion_mult x max(1, log10 n) "
+        "x probe_interval seconds without refuting",
+        minimum=1.0,
+    ),
+    Option(
+        "fault_injection",
+        bool,
+        False,
+        "cluster: accept fault-injection commands (drop, delay, duplicate, partition); tests only",
+    ),
     Option("ready_file", str, "", "write a JSON line here once the node serves (for tools)"),
     Option("log_level", str, "info", "log level", choices=("debug", "info", "warning", "error")),
 )
@@ -181,6 +226,12 @@ class NodeConfig:
     mailbox_strategy: str = "reject"
     sender_rate: str = ""
     dedup_window: float = 86400.0
+    seeds: tuple[str, ...] = ()
+    advertise: str = ""
+    vnodes: int = 128
+    probe_interval: float = 0.5
+    suspicion_mult: float = 4.0
+    fault_injection: bool = False
     ready_file: str = ""
     log_level: str = "info"
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -192,7 +243,13 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
         items = raw.split(",") if isinstance(raw, str) else raw
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
             raise ConfigError(f"{where}: expected a list of strings, got {raw!r}")
-        return tuple(i.strip() for i in items if i.strip())
+        values = tuple(i.strip() for i in items if i.strip())
+        if option.check is not None:
+            try:
+                values = tuple(option.check(v) for v in values)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        return values
     try:
         if option.type is bool:
             value = _to_bool(raw)
@@ -285,7 +342,9 @@ def load_config(
         if option is None:
             raise ConfigError(f"unknown setting {name!r}")
         values[name] = _convert(option, raw, "arguments")
-    values["agents"] = tuple(values["agents"])
+    for o in OPTIONS:
+        if o.multiple:
+            values[o.name] = tuple(values[o.name])
     return NodeConfig(**values)
 
 

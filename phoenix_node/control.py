@@ -30,8 +30,14 @@ import zmq
 
 from ipc import bindable, make_dealer, make_router, worker_ipc_endpoint
 from ipc.protocol import (
+    ADMIN,
+    ASK,
+    BATCH,
+    CLUSTER,
+    CREDIT,
     HELLO,
     PROTOCOL_VERSION,
+    REPLY_BATCH,
     STATUS,
     SUBSCRIBE,
     TELL,
@@ -40,12 +46,18 @@ from ipc.protocol import (
     ProtocolError,
     decode_header,
     encode_reply,
+    encode_reply_batch,
+    encode_reply_kind,
     pack,
     split_envelope,
+    unpack,
 )
 from workers.host import error_payload
 from workers.placement import owner_index
 from workers.process import WorkerExit
+
+from .cluster.membership import NodeId, SwimConfig
+from .cluster.service import PEER_PREFIX, ClusterService
 
 __all__ = ["ControlSpec", "run_control"]
 
@@ -61,6 +73,13 @@ class ControlSpec:
     heartbeat_fd: int
     parent_fd: int
     heartbeat_interval: float = 0.5
+    seeds: tuple[str, ...] = ()
+    advertise: str = ""
+    vnodes: int = 128
+    probe_interval: float = 0.5
+    suspicion_mult: float = 4.0
+    fault_injection: bool = False
+    leave_timeout: float = 2.0
 
 
 def run_control(spec: ControlSpec) -> NoReturn:
@@ -80,6 +99,11 @@ def run_control(spec: ControlSpec) -> NoReturn:
 
 class _BindError(Exception):
     pass
+
+
+def _peer_address(routing_id: bytes) -> str:
+    """The address in a peer's routing id ``node:<address>#<incarnation>``."""
+    return routing_id[len(PEER_PREFIX) :].decode(errors="replace").rpartition("#")[0]
 
 
 class _Control:
@@ -112,6 +136,7 @@ class _Control:
         self.backs = []
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
+        self.cluster = self._start_cluster(ctx, poller)
         for i in range(spec.workers):
             back = make_dealer(ctx, immediate=False)
             back.connect(worker_ipc_endpoint(spec.node_id, i))
@@ -119,26 +144,72 @@ class _Control:
             self.backs.append(back)
         poller.register(spec.parent_fd, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
-        next_beat = 0.0
+        self.next_beat = 0.0
         try:
             while not self.stopping:
-                now = time.monotonic()
-                if now >= next_beat:
-                    self._heartbeat()
-                    next_beat = now + spec.heartbeat_interval
-                events = dict(poller.poll(max(1, int((next_beat - now) * 1000))))
-                if spec.parent_fd in events:
+                if self._step(poller):
                     return WorkerExit.SUPERVISOR_GONE
-                for sock in events:
-                    if sock is self.front:
-                        self._serve_front()
-                    elif isinstance(sock, zmq.Socket):
-                        self._relay(sock)
+            self._leave(poller)
             return WorkerExit.OK
         finally:
+            self.cluster.close()
             for sock in (self.front, *self.backs):
                 sock.close(0)
             ctx.term()
+
+    def _start_cluster(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], poller: zmq.Poller
+    ) -> ClusterService:
+        spec = self.spec
+        address = spec.advertise or self.endpoint
+        if address.startswith("tcp://0.0.0.0:") or address.startswith("tcp://*:"):
+            raise _BindError(f"listening on {address}: set --advertise to an address peers reach")
+        # A new incarnation for each start of this process: its peers never see a
+        # routing id or a CRDT replica of a previous life again.
+        me = NodeId(address, time.time_ns() // 1000)
+        swim = SwimConfig(
+            probe_interval=spec.probe_interval,
+            probe_timeout=min(0.4 * spec.probe_interval, 0.5),
+            suspicion_mult=spec.suspicion_mult,
+        )
+        return ClusterService(
+            ctx, poller, me, seeds=spec.seeds, swim=swim, vnodes=spec.vnodes,
+            fault_injection=spec.fault_injection,
+        )  # fmt: skip
+
+    def _step(self, poller: zmq.Poller) -> bool:
+        """One loop turn; True when the supervisor is gone."""
+        spec = self.spec
+        now = time.monotonic()
+        if now >= self.next_beat:
+            self._heartbeat()
+            self.next_beat = now + spec.heartbeat_interval
+        if now >= self.cluster.next_deadline():
+            self.cluster.tick()
+        wake = min(self.next_beat, self.cluster.next_deadline())
+        events = dict(poller.poll(max(1, int((wake - time.monotonic()) * 1000) + 1)))
+        if spec.parent_fd in events:
+            return True
+        peers = self.cluster.peer_sockets()
+        for sock in events:
+            if sock is self.front:
+                self._serve_front()
+            elif isinstance(sock, zmq.Socket):
+                peer = peers.get(sock)
+                self._relay(sock, peer)
+        return False
+
+    def _leave(self, poller: zmq.Poller) -> None:
+        """Graceful leave: tell the cluster, keep serving a moment while it spreads."""
+        cluster = self.cluster
+        if cluster.single():
+            return
+        cluster.leave()
+        deadline = time.monotonic() + self.spec.leave_timeout / 2
+        while time.monotonic() < deadline:
+            if self._step(poller):
+                return
+        cluster.left()
 
     def _serve_front(self) -> None:
         for _ in range(1000):
@@ -155,7 +226,7 @@ class _Control:
 
     def _handle(self, frames: list[bytes]) -> None:
         try:
-            stack, header, _ = split_envelope(frames)
+            stack, header, payload = split_envelope(frames)
         except ProtocolError as exc:
             self._bad_frame(frames[:1], exc.code, 0, str(exc))
             return
@@ -164,10 +235,20 @@ class _Control:
         except ProtocolError as exc:
             self._bad_frame(stack, exc.code, exc.corr_id, str(exc))
             return
+        if kind == CLUSTER:
+            self.cluster.on_message(agent_id, payload)
+            return
+        from_peer = stack[0].startswith(PEER_PREFIX)
+        if from_peer and not self.cluster.accepts_from(_peer_address(stack[0])):
+            return  # an injected partition
         if kind == HELLO:
             self._answer(stack, corr, self._topology())
         elif kind == STATUS:
             self._answer(stack, corr, self._status())
+        elif kind == ADMIN and _action.startswith("cluster."):
+            self._cluster_admin(stack, corr, _action, payload)
+        elif not from_peer and not self.cluster.single() and kind in (ASK, TELL, BATCH):
+            self._route(frames, stack, kind, corr, agent_id, payload)
         elif kind in (SUBSCRIBE, UNSUBSCRIBE) and b"phoenixagent" not in header:
             # A client's own subscription must reach every worker (any of them may
             # handle a publish); the client takes the first answer.
@@ -178,41 +259,106 @@ class _Control:
                     pass
             self.forwarded += 1
         else:
-            # ASK/TELL go to the owner; a BATCH to the owner of its routing hint (the
-            # subject of the header: the worker re-forwards entries it does not own).
-            back = self.backs[owner_index(agent_id, self.spec.workers) if agent_id else 0]
-            try:
-                back.send_multipart(frames, zmq.NOBLOCK)
-                self.forwarded += 1
-            except zmq.Again:
-                if kind != TELL:
-                    self._send(
-                        [
-                            *stack,
-                            b"",
-                            encode_reply(corr, ErrorCode.UNAVAILABLE),
-                            pack(
-                                error_payload(
-                                    ErrorCode.UNAVAILABLE,
-                                    "the owning worker is not "
-                                    "accepting messages (restarting or overloaded)",
-                                )
-                            ),
-                        ]
-                    )
+            self._local(frames, stack, kind, corr, agent_id)
+
+    def _local(
+        self, frames: list[bytes], stack: list[bytes], kind: int, corr: int, key: str
+    ) -> None:
+        """ASK/TELL go to the owning worker; a BATCH to the owner of its routing hint (the
+        subject of the header: the worker re-forwards entries it does not own)."""
+        back = self.backs[owner_index(key, self.spec.workers) if key else 0]
+        try:
+            back.send_multipart(frames, zmq.NOBLOCK)
+            self.forwarded += 1
+        except zmq.Again:
+            if kind != TELL:
+                self._unavailable(
+                    stack, corr, "the owning worker is not accepting messages "
+                    "(restarting or overloaded)",
+                )  # fmt: skip
+
+    def _unavailable(self, stack: list[bytes], corr: int, message: str) -> None:
+        code = ErrorCode.UNAVAILABLE
+        self._send([*stack, b"", encode_reply(corr, code), pack(error_payload(code, message))])
+
+    def _route(
+        self, frames: list[bytes], stack: list[bytes], kind: int, corr: int, key: str,
+        payload: bytes,
+    ) -> None:  # fmt: skip
+        """A request in a cluster: served here or forwarded to the owning node (one hop)."""
+        cluster = self.cluster
+        if kind != BATCH:
+            owner = cluster.owner(key)
+            if owner is None:
+                self._local(frames, stack, kind, corr, key)
+            elif not cluster.forward(owner, frames) and kind != TELL:
+                self._unavailable(stack, corr, f"the owning node {owner} is not reachable")
+            return
+        try:
+            entries = unpack(payload)
+            if not isinstance(entries, list):
+                raise ProtocolError("BATCH payload must be an array")
+            groups: dict[str | None, list[Any]] = {}
+            for entry in entries:
+                subject = entry[2] if isinstance(entry, list) and len(entry) == 7 else ""
+                owner = cluster.owner(subject) if isinstance(subject, str) and subject else None
+                groups.setdefault(owner, []).append(entry)
+        except ProtocolError:
+            self._local(frames, stack, kind, corr, key)  # the worker answers the errors
+            return
+        if len(groups) == 1 and None in groups:
+            self._local(frames, stack, kind, corr, key)
+            return
+        head = frames[: len(stack) + 2]
+        for owner, group in groups.items():
+            part = [*head, pack(group)]
+            if owner is None:
+                self._local(part, stack, kind, corr, key)
+            elif not cluster.forward(owner, part):
+                self._unreachable_batch(stack, group, owner)
+
+    def _unreachable_batch(self, stack: list[bytes], group: list[Any], owner: str) -> None:
+        code = int(ErrorCode.UNAVAILABLE)
+        body = pack(error_payload(code, f"the owning node {owner} is not reachable"))
+        items = [(e[1], code, body) for e in group if e[0] != TELL and type(e[1]) is int]
+        self._send([*stack, b"", encode_reply_kind(CREDIT, len(group)), b""])
+        if items:
+            self._send([*stack, b"", encode_reply_kind(REPLY_BATCH, 0), encode_reply_batch(items)])
+
+    def _cluster_admin(self, stack: list[bytes], corr: int, action: str, payload: bytes) -> None:
+        code, result = 0, None
+        try:
+            if action == "cluster.status":
+                result = self.cluster.status()
+            elif action == "cluster.leave":
+                # The supervisor stops the node; this process leaves on its SIGTERM.
+                result = {"leaving": str(self.cluster.me)}
+                os.kill(os.getppid(), signal.SIGTERM)
+            elif action == "cluster.faults":
+                result = self.cluster.set_faults(unpack(payload) if payload else {})
+            else:
+                raise ValueError(f"unknown cluster operation {action!r}")
+        except PermissionError as exc:
+            code, result = ErrorCode.BAD_REQUEST, error_payload(ErrorCode.BAD_REQUEST, str(exc))
+        except (ValueError, TypeError, ProtocolError) as exc:
+            code, result = ErrorCode.BAD_REQUEST, error_payload(ErrorCode.BAD_REQUEST, str(exc))
+        self._send([*stack, b"", encode_reply(corr, code), pack(result)])
 
     def _bad_frame(self, stack: list[bytes], code: int, corr: int, message: str) -> None:
         self.bad_frames += 1
         if stack and stack[0]:
             self._send([*stack, b"", encode_reply(corr, code), pack(error_payload(code, message))])
 
-    def _relay(self, back: zmq.Socket[bytes]) -> None:
+    def _relay(self, back: zmq.Socket[bytes], peer: str | None = None) -> None:
+        """Replies from a worker, or from a peer node that served a forwarded request."""
+        drop = peer is not None and not self.cluster.accepts_from(peer)
         for _ in range(1000):
             try:
                 frames = back.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._send(frames)
+            if not drop:
+                self._send(frames)
 
     def _answer(self, stack: list[bytes], corr: int, body: dict[str, Any]) -> None:
         self._send([*stack, b"", encode_reply(corr, 0), pack(body)])
@@ -235,6 +381,7 @@ class _Control:
             "forwarded": self.forwarded,
             "bad_frames": self.bad_frames,
         }
+        status["cluster"] = self.cluster.status()
         return status
 
     def _topology(self) -> dict[str, Any]:
@@ -244,6 +391,10 @@ class _Control:
             "protocol": PROTOCOL_VERSION,
             "endpoint": self.endpoint,
             "workers": [workers.get(i) for i in range(self.spec.workers)],
+            # Clients route straight to the workers only while this node is alone in
+            # its cluster; else through this endpoint, which routes by the ring.
+            "direct": self.cluster.single(),
+            "cluster": {"me": str(self.cluster.me), "members": len(self.cluster.ring)},
         }
 
     def _heartbeat(self) -> None:

@@ -91,6 +91,8 @@ class Node:
             flag = "--" + name.replace("_", "-")
             if isinstance(value, bool):
                 cmd.append(flag if value else "--no-" + name.replace("_", "-"))
+            elif isinstance(value, list | tuple):
+                cmd += [flag, *map(str, value)] if value else []
             else:
                 cmd += [flag, str(value)]
         return cmd

@@ -363,6 +363,13 @@ class Supervisor:
                 heartbeat_fd=hb_w,
                 parent_fd=parent_r,
                 heartbeat_interval=cfg.heartbeat_interval,
+                seeds=cfg.seeds,
+                advertise=cfg.advertise,
+                vnodes=cfg.vnodes,
+                probe_interval=cfg.probe_interval,
+                suspicion_mult=cfg.suspicion_mult,
+                fault_injection=cfg.fault_injection,
+                leave_timeout=min(cfg.drain_timeout, 2.0),
             )
         return WorkerSpec(
             index=slot.index,

@@ -330,7 +330,7 @@ class _Worker:
             self.engine._replies[route].append(
                 (corr, ErrorCode.BAD_REQUEST, pack(error_payload(
                     ErrorCode.BAD_REQUEST,
-                    "HELLO and STATUS go to the node endpoint, not a worker",
+                    "HELLO, STATUS and CLUSTER go to the node endpoint, not a worker",
                 )))
             )  # fmt: skip
 

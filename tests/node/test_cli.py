@@ -80,7 +80,8 @@ def test_status_prints_the_node_and_one_line_per_worker(node: Node) -> None:
     assert "ready" in lines[0]
     assert lines[1].split()[:3] == ["worker", "pid", "cpu"]
     status = node.status()
-    rows = [line.split() for line in lines[2:]]
+    rows = [line.split() for line in lines[2:] if line.strip()]
+    rows = rows[: rows.index(next(r for r in rows if r[0] == "cluster:"))]
     assert [(int(r[0]), int(r[1])) for r in rows] == [
         (w["index"], w["pid"]) for w in status["workers"]
     ]
