@@ -230,6 +230,7 @@ class Engine:
         # of one (its sender's timer fired while it queued) is credited and dropped
         # instead of running twice. Keyed like the dedup log: (source, corr).
         self._queued: set[tuple[str, int]] = set()
+        self._local_queued: set[int] = set()  # the same for this worker's own outbox ids
         self._next_corr = 0
         self.stats: dict[str, int] = defaultdict(int)
         for counter in ("refused", "duplicates", "redirected", "published", "fanout",
@@ -296,6 +297,8 @@ class Engine:
                 key = self._queue_key(msg)
                 if key is not None:
                     self._queued.discard(key)  # it may be forwarded to another worker
+            if msg.ack_id is not None:
+                self._local_queued.discard(msg.ack_id)
             msg.subject = offer.redirect_to
             self._route(msg)
 
@@ -449,6 +452,7 @@ class Engine:
 
     def _answer(self, msg: Msg, status: int, body: bytes) -> None:
         if msg.ack_id is not None:
+            self._local_queued.discard(msg.ack_id)
             if status in RETRYABLE:
                 return  # not acked: the outbox sends it again after a backoff
             self._local_acks.append((msg.ack_id, "" if status == OK else _error_text(body)))
@@ -575,7 +579,12 @@ class Engine:
                 kind, corr, subject, *_ = unpack(entry.data)
                 owner = owner_index(subject, self.workers)
             if owner == self.index:
+                if entry.msg_id in self._local_queued:
+                    # Still in a mailbox here: it runs (and is acked) once. Not counted as
+                    # an attempt, so a long queue never dead-letters what it holds.
+                    continue
                 kind, corr, subject, action, delivery, attrs, data = unpack(entry.data)
+                self._local_queued.add(corr)
                 self._enqueue(Msg(kind, corr, subject, action, delivery, attrs, data, None, corr))
             else:
                 self._remote[owner].append(entry.data)
