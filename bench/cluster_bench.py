@@ -1,0 +1,251 @@
+"""Cluster benchmark: cross-node asks against the raw tcp round trip, failure detection,
+and the share of agents that move when a node joins.
+
+Two real nodes (``Node``, one worker each, durable) on loopback joined through a seed,
+and, in the same run, the raw baseline of :mod:`bench.baselines`: DEALER->ROUTER
+round trips over tcp, msgpack on both sides, 100 in flight. Each round measures:
+
+- **asks_local** ``Client.ask_many`` in chunks of 100 from a client of node A to
+  Tally agents that A owns (through A's public endpoint, as every client of a
+  cluster node sends);
+- **asks_cross** the same to agents that node B owns: each request takes the one
+  extra hop A -> B and its reply B -> A;
+- **latency_cross** one cross-node ask at a time: p50 / p99.
+
+Then, once: **detection** ``--kills`` times a third node is started, joins, and is
+killed with SIGKILL; the time until both survivors hold it ``down`` is recorded
+(default failure-detector settings: probe every 0.5 s, suspicion x4);
+**moved_on_join** the share of 20,000 agent ids whose owner changes when a third
+node joins two (the ring, and the same check on the live members' ring).
+
+Verification: every ask of every round answered with the count the agent must
+have. Exit status 1 if a check fails. Target (from the cluster issue): asks_cross
+>= 0.3 of the raw round-trip rate.
+
+Run: ``.venv/bin/python bench/cluster_bench.py [--quick] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from typing import Any
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import psutil  # type: ignore[import-untyped]  # noqa: E402
+
+from bench.baselines import percentile, raw_dealer_router_roundtrip  # noqa: E402
+from bench.node_bench import environment  # noqa: E402
+from phoenix_node import Client, Node  # noqa: E402
+from phoenix_node.cluster.ring import Ring, moved  # noqa: E402
+
+__all__ = ["TARGETS", "main", "run_bench"]
+
+AGENTS = ["bench.agents:Tally"]
+CHUNK = 100
+TARGETS = {"asks_cross": ("raw_rt100", 0.3)}
+
+
+def _node(tmp: str, name: str, **settings: Any) -> Node:
+    return Node(
+        workers=1, agents=AGENTS, entry_points=False, durability="durable",
+        data=os.path.join(tmp, name), **settings,
+    ).start()  # fmt: skip
+
+
+def _states(node: Node) -> dict[str, str]:
+    with node.client(timeout=5) as c:
+        return {m["address"]: m["state"] for m in c.cluster_status()["members"]}
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def _all_up(nodes: list[Node]) -> bool:
+    want = {n.endpoint for n in nodes}
+    return all({a for a, s in _states(n).items() if s == "up"} == want for n in nodes)
+
+
+def asks(
+    client: Client, keys: list[str], seconds: float, expected: dict[str, int]
+) -> dict[str, Any]:
+    """Pipelined ``inc`` asks in chunks of CHUNK for ``seconds``; every answer must be
+    None (an error comes back as an exception object); the counts are checked at the end."""
+    n, bad, t0 = 0, 0, time.perf_counter()
+    i = 0
+    while time.perf_counter() - t0 < seconds:
+        chunk = keys[i % len(keys) : i % len(keys) + CHUNK] or keys[:CHUNK]
+        i += CHUNK
+        results = client.ask_many([(k, "inc", {}) for k in chunk], timeout=60)
+        for k, r in zip(chunk, results, strict=True):
+            expected[k] += 1
+            bad += r is not None  # inc returns nothing: anything else is an error
+        n += len(chunk)
+    dt = time.perf_counter() - t0
+    return {"rate": n / dt, "asks": n, "wrong": bad}
+
+
+def latency(client: Client, keys: list[str], n: int, expected: dict[str, int]) -> dict[str, Any]:
+    times, bad = [], 0
+    for j in range(n):
+        k = keys[j % len(keys)]
+        t = time.perf_counter()
+        r = client.ask(k, "inc")
+        times.append(time.perf_counter() - t)
+        expected[k] += 1
+        bad += r is not None
+    times.sort()
+    return {
+        "rate": n / sum(times),
+        "p50_us": percentile(times, 0.5) * 1e6,
+        "p99_us": percentile(times, 0.99) * 1e6,
+        "wrong": bad,
+    }
+
+
+def detection(tmp: str, a: Node, b: Node, kills: int) -> dict[str, Any]:
+    """Start a third node, let it join, SIGKILL it; seconds until both survivors say down."""
+    times = []
+    for k in range(kills):
+        victim = _node(tmp, f"victim{k}", seeds=[a.endpoint])
+        pids = [victim.pid, *(p.pid for p in psutil.Process(victim.pid).children(recursive=True))]
+        try:
+            _wait(lambda v=victim: _all_up([a, b, v]), 30, "the third node to be up")
+            t0 = time.monotonic()
+            os.kill(victim.pid, signal.SIGKILL)
+            for o in (a, b):
+                _wait(lambda o=o, v=victim: _states(o).get(v.endpoint) == "down", 30, "down")
+            times.append(time.monotonic() - t0)
+        finally:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            victim.stop(timeout=5)
+    times.sort()
+    return {"p50_s": percentile(times, 0.5), "p99_s": percentile(times, 0.99), "samples": times}
+
+
+def run_bench(seconds: float, repeat: int, kills: int, say: Any = None) -> dict[str, Any]:
+    say = say or (lambda _m: None)
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="phoenix-cluster-bench-")
+    samples: dict[str, list[dict[str, Any]]] = {}
+    a = _node(tmp, "a")
+    b = _node(tmp, "b", seeds=[a.endpoint])
+    try:
+        _wait(lambda: _all_up([a, b]), 30, "two nodes up")
+        ring = Ring({a.endpoint: 1.0, b.endpoint: 1.0})
+        ids = [f"Tally/c{i}" for i in range(4000)]
+        local = [k for k in ids if ring.owner(k) == a.endpoint][:1000]
+        cross = [k for k in ids if ring.owner(k) == b.endpoint][:1000]
+        expected = dict.fromkeys(local + cross, 0)
+        with a.client(timeout=60) as client:
+            for r in range(repeat):
+                say(f"round {r + 1}/{repeat}")
+                for name, run in (
+                    ("raw_rt100", lambda: {"rate": raw_dealer_router_roundtrip(50_000)}),
+                    ("asks_local", lambda: asks(client, local, seconds, expected)),
+                    ("asks_cross", lambda: asks(client, cross, seconds, expected)),
+                    ("latency_cross", lambda: latency(client, cross, 2000, expected)),
+                ):
+                    result = run()
+                    samples.setdefault(name, []).append(result)
+                    say(f"  {name:<16} {result['rate']:>12,.0f}/s")
+            forwarded = client.cluster_status()["forwarded"]
+        with b.client(timeout=60) as other:  # the counts, read through the other node
+            final = other.ask_many([(k, "get", {}) for k in local + cross], timeout=60)
+        consistent = final == [expected[k] for k in local + cross]
+        say("detection")
+        detect = detection(tmp, a, b, kills)
+        three = ring.with_member("tcp://127.0.0.1:1")
+        moved_share = moved(ring, three, (f"Agent/{i}" for i in range(20_000)))
+    finally:
+        a.stop(timeout=10)
+        b.stop(timeout=10)
+    figures = {
+        name: {key: statistics.median(s[key] for s in runs) for key in runs[0] if key != "samples"}
+        for name, runs in samples.items()
+    }
+    wrong = sum(s.get("wrong", 0) for runs in samples.values() for s in runs)
+    ratios = {
+        name: figures[name]["rate"] / figures[base]["rate"] for name, (base, _) in TARGETS.items()
+    }
+    ratios["asks_local"] = figures["asks_local"]["rate"] / figures["raw_rt100"]["rate"]
+    return {
+        "environment": environment(2),
+        "figures": figures,
+        "ratios": ratios,
+        "targets": {
+            n: {"ratio": ratios[n], "minimum": m, "ok": ratios[n] >= m}
+            for n, (_, m) in TARGETS.items()
+        },
+        "detection": detect,
+        "moved_on_join": moved_share,
+        "forwarded": forwarded,
+        "checks": {"wrong_answers": wrong, "consistent_via_other_node": consistent},
+        "ok": wrong == 0 and consistent and forwarded > 0,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    f, r = report["figures"], report["ratios"]
+    d = report["detection"]
+    lines = [
+        "Phoenix cluster bench: 2 nodes x 1 worker on loopback (durable), medians",
+        f"raw DEALER->ROUTER tcp, 100 in flight   {f['raw_rt100']['rate']:>10,.0f} rt/s",
+        f"asks to agents of the node asked       {f['asks_local']['rate']:>10,.0f} /s  "
+        f"{r['asks_local']:.3f} of raw",
+        f"asks to agents of the other node       {f['asks_cross']['rate']:>10,.0f} /s  "
+        f"{r['asks_cross']:.3f} of raw (target >= 0.3)",
+        f"cross-node ask latency, one at a time  p50 {f['latency_cross']['p50_us']:,.0f} us, "
+        f"p99 {f['latency_cross']['p99_us']:,.0f} us",
+        f"kill -9 detected down by both others   p50 {d['p50_s']:.2f} s, p99 {d['p99_s']:.2f} s "
+        f"({len(d['samples'])} kills, probe 0.5 s, suspicion x4)",
+        f"share of agents moved when a 3rd node joins 2: {report['moved_on_join']:.3f} "
+        "(ideal 0.333)",
+        f"checks: {report['checks']}",
+    ]
+    for name, t in report["targets"].items():
+        lines.append(
+            f"target {name} >= {t['minimum']}: {t['ratio']:.3f} {'ok' if t['ok'] else 'FAIL'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per ask scenario")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; figures are medians")
+    parser.add_argument("--kills", type=int, default=5, help="node kills timed for detection")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.repeat < 1 or args.kills < 1:
+        parser.error("--seconds must be > 0, --repeat and --kills >= 1")
+    if args.quick:
+        args.seconds, args.repeat, args.kills = 0.3, 1, 1
+    say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    report = run_bench(args.seconds, args.repeat, args.kills, say)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
