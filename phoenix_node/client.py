@@ -607,8 +607,6 @@ class Client:
         return self._index_for(topic)
 
     def _index_for(self, key: str) -> int:
-        if self.route and time.monotonic() >= self._topology_expires:
-            self._refresh_topology()
         index = self._owners.get(key)
         if index is not None:
             return index
@@ -631,12 +629,16 @@ class Client:
         return self._ensure_front() if index == _FRONT else self._workers[index]
 
     def _delivery(self, delivery: str) -> int:
-        """Every messaging call starts here: also the closed / forked check."""
+        """Every messaging call starts here: also the closed / forked check, and, now
+        and then, whether the node is still alone (once per call, not per message)."""
         self._check_open()
         try:
-            return int(parse_delivery(delivery))
+            code = int(parse_delivery(delivery))
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(str(exc)) from None
+        if self.route and time.monotonic() >= self._topology_expires:
+            self._refresh_topology()
+        return code
 
     def _check_pattern(self, pattern: str) -> None:
         self._check_open()

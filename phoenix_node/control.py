@@ -184,9 +184,11 @@ class _Control:
         if now >= self.next_beat:
             self._heartbeat()
             self.next_beat = now + spec.heartbeat_interval
-        if now >= self.cluster.next_deadline():
+        deadline = self.cluster.next_deadline()
+        if now >= deadline:
             self.cluster.tick()
-        wake = min(self.next_beat, self.cluster.next_deadline())
+            deadline = self.cluster.next_deadline()
+        wake = min(self.next_beat, deadline)
         events = dict(poller.poll(max(1, int((wake - time.monotonic()) * 1000) + 1)))
         if spec.parent_fd in events:
             return True

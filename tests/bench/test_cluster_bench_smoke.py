@@ -7,32 +7,18 @@ the counts read back through the other node, requests really forwarded between n
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
-from types import ModuleType
 
 import pytest
 
-from ..conftest import REPO_ROOT
-
-
-def _load_cluster_bench() -> ModuleType:
-    path = os.path.join(REPO_ROOT, "bench", "cluster_bench.py")
-    spec = importlib.util.spec_from_file_location("phoenix_bench_cluster_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from ._load import load_bench
 
 
 @pytest.mark.timeout(240)
 def test_cluster_bench_runs_every_scenario_and_every_check_passes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    bench = _load_cluster_bench()
+    bench = load_bench("cluster_bench")
     code = bench.main(["--quick", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["ok"], report["checks"]

@@ -7,15 +7,11 @@ acknowledged, no fan-out delivery is lost, memory stays bounded under the flood.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
-from types import ModuleType
 
 import pytest
 
-from ..conftest import REPO_ROOT
+from ._load import load_bench
 
 NODE_SCENARIOS = (
     "tells_amo",
@@ -29,21 +25,11 @@ NODE_SCENARIOS = (
 )
 
 
-def _load_messaging_bench() -> ModuleType:
-    path = os.path.join(REPO_ROOT, "bench", "messaging_bench.py")
-    spec = importlib.util.spec_from_file_location("phoenix_bench_messaging_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.timeout(240)
 def test_messaging_bench_runs_every_scenario_and_every_check_passes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    bench = _load_messaging_bench()
+    bench = load_bench("messaging_bench")
     code = bench.main(["--quick", "--json"])
     report = json.loads(capsys.readouterr().out)
     failed = [c for c in report["checks"] if not c["ok"]]

@@ -5,15 +5,11 @@ Tiny sizes, no timing assertions: figures only have to be positive.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
-from types import ModuleType
 
 import pytest
 
-from ..conftest import REPO_ROOT
+from ._load import load_bench
 
 SCENARIOS = (
     "raw_push_pull",
@@ -28,19 +24,9 @@ SCENARIOS = (
 )
 
 
-def _load_node_bench() -> ModuleType:
-    path = os.path.join(REPO_ROOT, "bench", "node_bench.py")
-    spec = importlib.util.spec_from_file_location("phoenix_bench_node_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.timeout(120)
 def test_node_bench_runs_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
-    node_bench = _load_node_bench()
+    node_bench = load_bench("node_bench")
     code = node_bench.main(["--seconds", "0.2", "--repeat", "1", "--keys", "50", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
