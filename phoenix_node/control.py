@@ -340,9 +340,7 @@ class _Control:
                 result = self.cluster.set_faults(unpack(payload) if payload else {})
             else:
                 raise ValueError(f"unknown cluster operation {action!r}")
-        except PermissionError as exc:
-            code, result = ErrorCode.BAD_REQUEST, error_payload(ErrorCode.BAD_REQUEST, str(exc))
-        except (ValueError, TypeError, ProtocolError) as exc:
+        except (PermissionError, ValueError, TypeError, ProtocolError) as exc:
             code, result = ErrorCode.BAD_REQUEST, error_payload(ErrorCode.BAD_REQUEST, str(exc))
         self._send([*stack, b"", encode_reply(corr, code), pack(result)])
 
