@@ -495,16 +495,19 @@ class Client:
                 self._commit_and_send()
 
     def close(self) -> None:
-        """Close every socket (pending asks are abandoned; unacknowledged messages stay
-        in a durable outbox for the next client on that directory)."""
+        """Close every socket. Tells still queued get up to the client's `timeout` to
+        leave (returning at once when nothing is queued); pending asks are abandoned;
+        unacknowledged guaranteed messages stay in a durable outbox for the next client
+        on that directory."""
         if self._closed:
             return
         self._closed = True
         if os.getpid() != self._pid:
             return  # inherited across fork: the sockets are not ours to close
-        # Tells still queued get a bounded moment to leave (a tell followed by close,
-        # as `phoenix-node tell` does, must not be dropped); asks are abandoned.
-        linger_ms = int(min(self.timeout, 1.0) * 1000)
+        # Tells still queued get the client's timeout to leave (a tell followed by
+        # close, as `phoenix-node tell` does, must not be dropped because the owning
+        # worker is briefly busy); asks are abandoned.
+        linger_ms = int(self.timeout * 1000)
         for monitor in self._monitors:
             monitor.close(linger=0)
         for sock in self._workers:

@@ -184,14 +184,14 @@ def test_version() -> None:
 
 @pytest.mark.timeout(60)
 def test_tells_sent_just_before_close_are_delivered(node: Node) -> None:
-    """The owning worker pauses for 0.5 s (SIGSTOP/SIGCONT) while a client tells it
-    40 x 1 MiB and closes: a close that lingers a little delivers them all."""
+    """The owning worker pauses for 1.5 s (SIGSTOP/SIGCONT) while a client tells it
+    40 x 1 MiB and closes: close waits (up to the client's timeout) until they leave."""
     agent = "KV/cli-linger"
     value = "x" * 2**20
     with node.client(timeout=10.0) as c:
         c.ask(agent, "keys")  # connected to the owning worker before it pauses
         worker = c.status()["workers"][owner_index(agent, 2)]["pid"]
-        resume = threading.Timer(0.5, os.kill, (worker, signal.SIGCONT))
+        resume = threading.Timer(1.5, os.kill, (worker, signal.SIGCONT))
         os.kill(worker, signal.SIGSTOP)
         try:
             resume.start()
@@ -212,3 +212,22 @@ def test_tells_sent_just_before_close_are_delivered(node: Node) -> None:
                 raise AssertionError(f"only {count} of 40 tells arrived")
             time.sleep(0.1)
         assert c.status()["workers"][owner_index(agent, 2)]["pid"] == worker
+
+
+@pytest.mark.timeout(60)
+def test_close_gives_up_on_queued_tells_after_the_client_timeout(node: Node) -> None:
+    """A worker that stays stopped does not hold close beyond the client's timeout."""
+    agent = "KV/cli-linger-stuck"
+    with node.client(timeout=1.0) as c:
+        c.ask(agent, "keys")
+        worker = c.status()["workers"][owner_index(agent, 2)]["pid"]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            for i in range(40):
+                c.tell(agent, "put", key=f"k{i}", value="x" * 2**20)
+            started = time.monotonic()
+            c.close()
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(worker, signal.SIGCONT)
+    assert elapsed < 3.0, elapsed
