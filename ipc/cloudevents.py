@@ -157,7 +157,7 @@ TYPE_STATUS = "phoenix.node.status"
 TYPE_ADMIN = "phoenix.node.admin"
 TYPE_CREDIT = "phoenix.flow.credit"
 
-# BATCH and REPLY_BATCH are containers of events, not events: they have no type.
+# BATCH, REPLY_BATCH and ACKS are containers of events, not events: they have no type.
 TYPE_BY_KIND: dict[int, str] = {
     ASK: TYPE_EXECUTE,
     TELL: TYPE_EXECUTE,

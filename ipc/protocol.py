@@ -44,7 +44,10 @@ the receiver.
 
 from __future__ import annotations
 
+import array
 import enum
+import struct
+import sys
 from typing import Any
 
 import msgpack
@@ -52,6 +55,7 @@ import msgpack
 from ._errors import ProtocolError
 
 __all__ = [
+    "ACKS",
     "ASK",
     "CLUSTER",
     "HELLO",
@@ -72,12 +76,12 @@ __all__ = [
 PROTOCOL_VERSION = 1
 ASK, TELL, HELLO, STATUS, BATCH, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, ADMIN = 1, 2, 3, 4, 5, 6, 7, 8, 9
 CLUSTER = 10  # node to node (membership); see phoenix_node.cluster.service
-REPLY, REPLY_BATCH, EVENT, CREDIT = 16, 17, 18, 19
+REPLY, REPLY_BATCH, EVENT, CREDIT, ACKS = 16, 17, 18, 19, 20
 _REQUEST_KINDS = frozenset(
     (ASK, TELL, HELLO, STATUS, BATCH, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, ADMIN, CLUSTER)
 )
 BATCH_KINDS = frozenset((ASK, TELL, PUBLISH))
-_REPLY_KINDS = frozenset((REPLY, REPLY_BATCH, EVENT, CREDIT))
+_REPLY_KINDS = frozenset((REPLY, REPLY_BATCH, EVENT, CREDIT, ACKS))
 AT_MOST_ONCE, AT_LEAST_ONCE, EXACTLY_ONCE, CAUSAL = 0, 1, 2, 3
 MAX_BATCH = 10_000
 MAX_ATTRS = 32
@@ -89,6 +93,7 @@ MAX_DEPTH = 32
 MAX_AGENT_ID = 511
 MAX_ACTION = 128
 _U64 = 2**64
+_LITTLE = sys.byteorder == "little"
 
 
 class ErrorCode(enum.IntEnum):
@@ -221,6 +226,26 @@ def encode_batch_header(defaults: dict[str, Any] | None = None, hint: str = "") 
 def encode_reply_batch(items: list[tuple[int, int, bytes]]) -> bytes:
     """A REPLY_BATCH payload: ``[corr, status, body]`` triples, bodies msgpack bytes."""
     return _packer.pack(items)
+
+
+def encode_acks(corr_ids: list[int]) -> bytes:
+    """An ACKS payload: the corr ids of guaranteed tells and publishes that succeeded,
+    as unsigned 64-bit big-endian integers (8 bytes each, no msgpack): an
+    acknowledgement costs the sender and the receiver no per-item decoding."""
+    return struct.pack(f">{len(corr_ids)}Q", *corr_ids)
+
+
+def decode_acks(payload: bytes) -> list[int]:
+    """The corr ids of an ACKS payload (a multiple of 8 bytes, at most MAX_BATCH ids)."""
+    n, rest = divmod(len(payload), 8)
+    if rest or n > MAX_BATCH:
+        raise ProtocolError(
+            f"ACKS payload must be at most {MAX_BATCH} 8-byte ids, got {len(payload)} bytes"
+        )
+    ids = array.array("Q", payload)
+    if _LITTLE:
+        ids.byteswap()
+    return ids.tolist()
 
 
 def encode_reply_kind(kind: int, corr_id: int, status: int = 0) -> bytes:

@@ -46,6 +46,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ipc import make_dealer
 from ipc.protocol import (
+    ACKS,
     ADMIN,
     ASK,
     AT_MOST_ONCE,
@@ -64,6 +65,7 @@ from ipc.protocol import (
     UNSUBSCRIBE,
     ProtocolError,
     check_agent_id,
+    decode_acks,
     decode_reply_batch,
     decode_reply_kind,
     encode_batch_header,
@@ -89,7 +91,7 @@ from .errors import (
     WorkerLostError,
     error_from_reply,
 )
-from .state.delivery import Outbox, RetryPolicy, parse_delivery
+from .state.delivery import Outbox, OutboxEntry, RetryPolicy, parse_delivery
 from .state.store import Store
 
 __all__ = ["Client", "Event"]
@@ -160,6 +162,7 @@ class Client:
         self._store = Store(outbox) if outbox is not None else None
         self.source = self._load_source()
         self._outbox = Outbox(self._store, b"client", retry)
+        self._fresh: list[OutboxEntry] = []  # added, to be sent after the next commit
         self._outbox.load()
         self._clock = CausalClock(self.source)
         self._batch_header = encode_batch_header({"source": self.source})
@@ -696,17 +699,19 @@ class Client:
 
     def _stage(self, kind: int, subject: str, action: str, delivery: int, data: bytes) -> int:
         """Put a guaranteed message into the outbox (sent by :meth:`_commit_and_send`)."""
-        index = self._target_topic(subject) if kind == PUBLISH else self._target(subject)
+        if kind == PUBLISH:
+            self._target_topic(subject)  # checks the topic
         corr = self._outbox.next_id()
         attrs = None
         if delivery == CAUSAL and kind != PUBLISH:
             attrs = {"phoenixcausal": self._clock.stamp(subject)}
         entry = encode_entry(kind, corr, subject, action, delivery, attrs, data)
         # dest: the routing key (agent id or topic), so a send re-routes by the topology
-        # of the moment without decoding the entry.
-        self._outbox.add(corr, subject, entry)
+        # of the moment without decoding the entry. Sent by _commit_and_send, after
+        # the commit; later due() returns it only for its retries.
+        self._fresh.append(self._outbox.add(corr, subject, entry, sending=True))
         if kind == ASK:
-            self._pending[corr] = index
+            self._pending[corr] = self._target(subject)
         return corr
 
     def _commit(self) -> None:
@@ -723,10 +728,11 @@ class Client:
         if getattr(self, "_holding", 0):
             return
         self._commit()
-        if self._outbox.pending:
+        fresh, self._fresh = self._fresh, []
+        if self._outbox.pending > len(fresh):
             self._poll(0)  # acks already here must not be re-sent as "overdue"
         due = self._outbox.due()
-        if not due:
+        if not due and not fresh:
             return
         per_worker: dict[int, list[bytes]] = {}
         hints: dict[int, str] = {}
@@ -736,6 +742,15 @@ class Client:
             per_worker.setdefault(index, []).append(entry.data)
             hints[index] = subject
             self._outbox.sent(entry)
+        if fresh:
+            now = time.monotonic()
+            index_for = self._index_for
+            for entry in fresh:
+                entry.sent_at = now  # the round trip is timed from the send, not the commit
+                subject = entry.dest
+                index = index_for(subject)
+                per_worker.setdefault(index, []).append(entry.data)
+                hints[index] = subject
         for index, entries in per_worker.items():
             for i in range(0, len(entries), self.batch_size):
                 self._send_batch(index, entries[i : i + self.batch_size], hints[index])
@@ -823,6 +838,13 @@ class Client:
             kind, corr, status = decode_reply_kind(header)
             if kind == REPLY:
                 self._on_result(corr, status, payload)
+            elif kind == ACKS:
+                acked = decode_acks(payload)
+                if self._pending:  # a guaranteed ask is never acked this way, but be sure
+                    for c in acked:
+                        self._on_result(c, 0, b"\xc0")
+                else:
+                    self._outbox.ack_many(acked)
             elif kind == REPLY_BATCH:
                 for c, st, body in decode_reply_batch(payload):
                     self._on_result(c, st, body)

@@ -151,6 +151,8 @@ class Output:
 
     #: route -> [(corr, status, body)]: one REPLY or REPLY_BATCH frame per route
     replies: dict[Route, list[tuple[int, int, bytes]]]
+    #: route -> corr ids of guaranteed tells/publishes that succeeded: one ACKS frame
+    acks: dict[Route, list[int]]
     #: route -> number of that sender's messages consumed (a CREDIT frame each)
     credits: dict[Route, int]
     #: worker index -> encoded BATCH entries for that worker
@@ -221,6 +223,7 @@ class Engine:
         self._subs_changed = False
         self._subs_token: bytes | None = None
         self._replies: dict[Route, list[tuple[int, int, bytes]]] = defaultdict(list)
+        self._acks: dict[Route, list[int]] = defaultdict(list)
         self._credits: dict[Route, int] = defaultdict(int)
         self._remote: dict[int, list[bytes]] = defaultdict(list)
         self._forwards: list[tuple[int, list[bytes]]] = []
@@ -463,8 +466,10 @@ class Engine:
                 log.warning("message %r failed: %s", msg, _error_text(body))
             return
         self._credits[route] += 1
-        if msg.kind == ASK or msg.delivery:
+        if msg.kind == ASK or (msg.delivery and status != OK):
             self._replies[route].append((msg.corr, status, body))
+        elif msg.delivery:
+            self._acks[route].append(msg.corr)  # a tell's result is not sent back
 
     def _refuse(self, msg: Msg, code: int, message: str) -> None:
         self.stats["refused"] += 1
@@ -589,6 +594,10 @@ class Engine:
             else:
                 self._remote[owner].append(entry.data)
             self.outbox.sent(entry)
+
+    def on_acks(self, corrs: list[int]) -> None:
+        """Another worker acknowledged these outbox messages (an ACKS frame)."""
+        self.outbox.ack_many(corrs)
 
     def on_ack(self, corr: int, status: int, body: bytes) -> None:
         """A reply from another worker to one of this worker's outbox messages."""
@@ -739,6 +748,9 @@ class Engine:
                 for i, (corr, status, _) in enumerate(items):
                     if status == OK:
                         items[i] = (corr, ErrorCode.STORE_FAILED, failed)
+            for route, acked in self._acks.items():
+                self._replies[route].extend((c, ErrorCode.STORE_FAILED, failed) for c in acked)
+            self._acks.clear()
             self.inboxes.clear()  # reloaded from their last committed state
             self.clocks.clear()
         self._local_acks.clear()
@@ -749,6 +761,7 @@ class Engine:
     def flush(self) -> Output:
         out = Output(
             dict(self._replies),
+            dict(self._acks),
             dict(self._credits),
             dict(self._remote),
             dict(self._events),
@@ -757,6 +770,7 @@ class Engine:
         )
         self._forwards = []
         self._replies.clear()
+        self._acks.clear()
         self._credits.clear()
         self._remote.clear()
         self._events.clear()

@@ -50,6 +50,7 @@ import zmq
 from ipc import bindable, make_dealer, make_router, worker_ipc_endpoint
 from ipc.cloudevents import check_attrs, decompress_payload
 from ipc.protocol import (
+    ACKS,
     ADMIN,
     ASK,
     BATCH,
@@ -63,10 +64,12 @@ from ipc.protocol import (
     UNSUBSCRIBE,
     ErrorCode,
     ProtocolError,
+    decode_acks,
     decode_batch,
     decode_reply_batch,
     decode_reply_kind,
     decode_request,
+    encode_acks,
     encode_batch_header,
     encode_entry,
     encode_reply,
@@ -467,6 +470,8 @@ class _Worker:
                 send([*route, b"", encode_reply(corr, status), body])
             else:
                 send([*route, b"", _REPLY_BATCH_HEADER, encode_reply_batch(items)])
+        for route, acked in out.acks.items():
+            send([*route, b"", _ACKS_HEADER, encode_acks(acked)])
         for route, n in out.credits.items():
             send([*route, b"", encode_reply_kind(CREDIT, n), b""])
         for owner, entries in out.remote.items():
@@ -558,6 +563,8 @@ class _Worker:
                 kind, corr, status = decode_reply_kind(header)
                 if kind == REPLY:
                     engine.on_ack(corr, status, payload)
+                elif kind == ACKS:
+                    engine.on_acks(decode_acks(payload))
                 elif kind == REPLY_BATCH:
                     for c, st, body in decode_reply_batch(payload):
                         engine.on_ack(c, st, body)
@@ -679,6 +686,7 @@ def _drain_fd(fd: int) -> None:
 
 _BATCH_HEADER = encode_batch_header()
 _REPLY_BATCH_HEADER = encode_reply_kind(REPLY_BATCH, 0)
+_ACKS_HEADER = encode_reply_kind(ACKS, 0)
 
 
 def _describe_entry(data: bytes) -> dict[str, Any]:

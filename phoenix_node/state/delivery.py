@@ -426,9 +426,15 @@ class Outbox:
         self._wall = wall_clock
         self._rng = rng if rng is not None else random.Random()
         self._entries: dict[int, OutboxEntry] = {}
-        self._heap: list[tuple[float, int, OutboxEntry]] = []
+        # (due, seq, entries): one timer for the entries in the list (see add()); an
+        # entry is live in it while it is pending and its heap_due is that due.
+        self._heap: list[tuple[float, int, list[OutboxEntry]]] = []
+        self._group: list[OutboxEntry] | None = None
+        self._group_at = self._group_due = 0.0
         self._seq = itertools.count()
         self._high = 0  # highest msg_id handed out or added
+        self._high_put = 0  # the high-water mark last written to the table
+        self._mkey = self._prefix + b"m"
         self._expired: deque[DeadLetter] = deque(maxlen=1000)
         self._dead_total = 0
         self._loaded = False
@@ -444,9 +450,7 @@ class Outbox:
 
     def _set_high(self, msg_id: int) -> None:
         if msg_id > self._high:
-            self._high = msg_id
-            if self._store is not None:
-                self._table.put(self._prefix + b"h", _U64.pack(msg_id))
+            self._high = msg_id  # written by stage(), once per batch
 
     # ------------------------------------------------------------ intake
 
@@ -468,7 +472,7 @@ class Outbox:
             dest, data = _unpack("outbox entry", key, value, (str, bytes))
             self._insert(OutboxEntry(msg_id, dest, data), now)
             high = max(high, msg_id)
-        self._high = high
+        self._high = self._high_put = high
         return len(self._entries)
 
     def next_id(self) -> int:
@@ -478,8 +482,14 @@ class Outbox:
         self._set_high(self._high + 1)
         return self._high
 
-    def add(self, msg_id: int, dest: str, data: bytes) -> OutboxEntry:
+    def add(self, msg_id: int, dest: str, data: bytes, *, sending: bool = False) -> OutboxEntry:
         """Keep a message until it is acked; its first send is due now.
+
+        With ``sending=True`` the caller sends it itself right away (after the
+        commit that makes it durable): it counts as sent now and only comes out
+        of :meth:`due` for its retries. That saves a trip through the timer heap
+        per message on the common path; a caller that then cannot send it loses
+        nothing but a retry delay.
 
         Raises OutboxFullError at ``max_pending`` messages, ValueError if the
         id is pending already.
@@ -496,19 +506,34 @@ class Outbox:
                 f"the outbox holds max_pending={self._max_pending} unacked messages"
             )
         entry = OutboxEntry(msg_id, dest, data)
-        self._insert(entry, self._clock())
-        self._persist(entry)
-        self._set_high(msg_id)
+        now = self._clock()
+        if sending:
+            # Messages added for sending within a millisecond share one timer (heap item,
+            # jitter draw): a burst of N costs one push and one pop, not N of each.
+            group = self._group
+            if group is None or now - self._group_at > 0.001 or len(group) >= 4096:
+                when = now + self._retry_delay(1, self._rng)
+                group = self._group = []
+                self._group_at, self._group_due = now, when
+                heapq.heappush(self._heap, (when, next(self._seq), group))
+                self._compact()
+            group.append(entry)
+            entry.added = entry.sent_at = now
+            entry.attempts = 1
+            entry.next_due = entry.heap_due = self._group_due
+            self._entries[msg_id] = entry
+        else:
+            self._insert(entry, now)
+        if self._store is not None:
+            self._table.put(self._mkey + _U64.pack(msg_id), _pack(dest, data))
+        if msg_id > self._high:
+            self._high = msg_id
         return entry
 
     def _insert(self, entry: OutboxEntry, now: float) -> None:
         entry.added = now
         self._entries[entry.msg_id] = entry
         self._schedule(entry, now)
-
-    def _persist(self, entry: OutboxEntry) -> None:
-        if self._store is not None:
-            self._table.put(self._key(b"m", entry.msg_id), _pack(entry.dest, entry.data))
 
     def _schedule(self, entry: OutboxEntry, when: float) -> None:
         entry.next_due = when
@@ -518,11 +543,19 @@ class Outbox:
 
     def _push(self, entry: OutboxEntry, when: float) -> None:
         entry.heap_due = when
-        heapq.heappush(self._heap, (when, next(self._seq), entry))
-        if len(self._heap) > 2 * len(self._entries) + 1024:
-            # Rescheduling earlier leaves a stale heap item behind: drop them now and then.
+        heapq.heappush(self._heap, (when, next(self._seq), [entry]))
+        self._compact()
+
+    def _compact(self) -> None:
+        if len(self._heap) > 2 * len(self._entries) + 4096:
+            # Acks and rescheduling leave stale heap items behind: drop them now and then.
             # In place: due() holds a reference to the list while it pops.
-            self._heap[:] = [item for item in self._heap if self._is_live(item[2], item[0])]
+            live = self._is_live
+            self._heap[:] = [
+                (due, seq, kept)
+                for due, seq, group in self._heap
+                if (kept := [e for e in group if live(e, due)])
+            ]
             heapq.heapify(self._heap)
 
     def _is_live(self, entry: OutboxEntry, due: float) -> bool:
@@ -579,30 +612,40 @@ class Outbox:
             _check_int("limit", limit, 0, 2**62)
         out: list[OutboxEntry] = []
         heap = self._heap
+        live = self._is_live
         while heap and heap[0][0] <= now and (limit is None or len(out) < limit):
-            due, _, entry = heapq.heappop(heap)
-            if not self._is_live(entry, due):
-                continue
-            entry.heap_due = -1.0
-            attempts = entry.attempts
-            not_before = entry.next_due  # later than ``due`` when rescheduled lazily
-            if attempts and self._rto > self.policy.initial:
-                # Not before the delay the current round-trip estimate asks for: acks
-                # slower than the policy expected (a busy receiver) must not cause a
-                # storm of re-sends of messages that are merely queued.
-                not_before = max(not_before, entry.sent_at + self._rto_floor(attempts))
-            if not_before > now:
-                self._push(entry, not_before)
-                continue
-            if attempts > self.policy.max_retries:
-                self._kill(entry, "max_retries")
-                continue
-            # Back after the backoff if the caller cannot send it now (not counted). The
-            # low end of the jitter, so that sent() only ever moves it later (no push).
-            delay = self._retry_delay(max(attempts, 1), None) * (1.0 - self.policy.jitter)
-            self._schedule(entry, now + delay)
-            out.append(entry)
+            due, seq, group = heapq.heappop(heap)
+            if group is self._group:
+                self._group = None  # closed: later adds start a new timer
+            for i, entry in enumerate(group):
+                if limit is not None and len(out) >= limit:
+                    heapq.heappush(heap, (due, seq, group[i:]))
+                    break
+                if live(entry, due):
+                    self._due_one(entry, now, out)
         return out
+
+    def _due_one(self, entry: OutboxEntry, now: float, out: list[OutboxEntry]) -> None:
+        """One popped, live entry: due now (into ``out``), later, or dead."""
+        entry.heap_due = -1.0
+        attempts = entry.attempts
+        not_before = entry.next_due  # later than ``due`` when rescheduled lazily
+        if attempts and self._rto > self.policy.initial:
+            # Not before the delay the current round-trip estimate asks for: acks
+            # slower than the policy expected (a busy receiver) must not cause a
+            # storm of re-sends of messages that are merely queued.
+            not_before = max(not_before, entry.sent_at + self._rto_floor(attempts))
+        if not_before > now:
+            self._push(entry, not_before)
+            return
+        if attempts > self.policy.max_retries:
+            self._kill(entry, "max_retries")
+            return
+        # Back after the backoff if the caller cannot send it now (not counted). The
+        # low end of the jitter, so that sent() only ever moves it later (no push).
+        delay = self._retry_delay(max(attempts, 1), None) * (1.0 - self.policy.jitter)
+        self._schedule(entry, now + delay)
+        out.append(entry)
 
     def sent(self, entry: OutboxEntry, now: float | None = None) -> None:
         """Count a send of ``entry`` and schedule its next attempt (no-op once acked)."""
@@ -612,6 +655,30 @@ class Outbox:
         entry.attempts += 1
         entry.sent_at = now
         self._schedule(entry, now + self._retry_delay(entry.attempts, self._rng))
+
+    def ack_many(self, msg_ids: Iterable[int]) -> int:
+        """:meth:`ack` for many messages (an ACKS frame); returns how many were pending.
+
+        Takes one round-trip sample per call (from the oldest message sent once),
+        as TCP takes one per ack: the acks of one frame left the receiver together.
+        """
+        entries = self._entries
+        table = self._table if self._store is not None else None
+        mkey = self._mkey
+        sampled_at = 0.0
+        n = 0
+        for msg_id in msg_ids:
+            entry = entries.pop(msg_id, None)
+            if entry is None:
+                continue
+            n += 1
+            if entry.attempts == 1 and not sampled_at:
+                sampled_at = entry.sent_at
+            if table is not None:
+                table.delete(mkey + _U64.pack(msg_id))
+        if sampled_at:
+            self._observe_rtt(self._clock() - sampled_at)
+        return n
 
     def ack(self, msg_id: int) -> bool:
         """Forget a delivered message; False if it is not pending (unknown, acked, dead)."""
@@ -654,6 +721,9 @@ class Outbox:
     def stage(self, batch: WriteBatch) -> None:
         """Write the adds, acks and dead-letter moves since the last stage into ``batch``."""
         if self._store is not None:
+            if self._high != self._high_put:
+                self._table.put(self._prefix + b"h", _U64.pack(self._high))
+                self._high_put = self._high
             self._table.stage(batch)
 
     def committed(self) -> None:
@@ -703,7 +773,10 @@ class Outbox:
             if letter.msg_id not in self._entries:
                 entry = OutboxEntry(letter.msg_id, letter.dest, letter.data)
                 self._insert(entry, now)
-                self._persist(entry)
+                if self._store is not None:
+                    self._table.put(
+                        self._mkey + _U64.pack(letter.msg_id), _pack(entry.dest, entry.data)
+                    )
                 moved += 1
         return moved
 

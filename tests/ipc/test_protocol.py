@@ -16,6 +16,7 @@ from ipc.protocol import (
     HELLO,
     MAX_ACTION,
     MAX_AGENT_ID,
+    MAX_BATCH,
     MAX_HEADER,
     PROTOCOL_VERSION,
     REPLY,
@@ -23,8 +24,10 @@ from ipc.protocol import (
     TELL,
     ErrorCode,
     check_agent_id,
+    decode_acks,
     decode_header,
     decode_reply_header,
+    encode_acks,
     encode_reply,
     encode_request,
     pack,
@@ -440,3 +443,17 @@ def test_any_header_array_raises_only_protocol_error(fields: list) -> None:
     except ProtocolError:
         return
     assert type(kind) is int and type(corr) is int
+
+
+def test_acks_round_trip_as_big_endian_u64() -> None:
+    ids = [0, 1, 255, 2**32, 2**64 - 1]
+    payload = encode_acks(ids)
+    assert payload[:16] == bytes(8) + bytes(7) + b"\x01" and len(payload) == 40
+    assert decode_acks(payload) == ids
+    assert decode_acks(b"") == []
+
+
+@pytest.mark.parametrize("payload", [b"\x00" * 7, b"\x00" * 9, b"\x00" * 8 * (MAX_BATCH + 1)])
+def test_acks_of_a_wrong_size_are_refused(payload: bytes) -> None:
+    with pytest.raises(ProtocolError, match="ACKS payload"):
+        decode_acks(payload)

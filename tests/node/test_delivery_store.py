@@ -174,6 +174,63 @@ def test_resend_waits_for_the_backoff(store: Store) -> None:
     assert box.due() == [entry]
 
 
+def test_added_for_sending_is_not_due_until_its_retry(store: Store) -> None:
+    clock = FakeClock()
+    box = Outbox(store, b"w0", NO_JITTER, clock)
+    box.load()
+    first = box.add(1, "d", b"x", sending=True)
+    clock.now += 0.0005  # within a millisecond: the same timer
+    second = box.add(2, "d", b"y", sending=True)
+    assert first.attempts == second.attempts == 1
+    assert box.due() == [] and len(box._heap) == 1
+    clock.now += 0.999
+    assert box.due() == []
+    clock.now += 0.001
+    assert box.due() == [first, second]
+    commit(store, box)  # they were persisted like any add, with the high-water mark
+    reopened = Outbox(store, b"w0", NO_JITTER, clock)
+    assert reopened.load() == 2 and reopened.next_id() == 3
+
+
+def test_a_due_limit_splits_a_shared_timer_without_losing_entries(store: Store) -> None:
+    clock = FakeClock()
+    box = Outbox(store, b"w0", NO_JITTER, clock)
+    entries = [box.add(i, "d", b"", sending=True) for i in range(1, 6)]
+    clock.now += 1.0
+    assert box.due(limit=2) == entries[:2]
+    assert box.due(limit=2) == entries[2:4]
+    assert box.due() == entries[4:]
+
+
+def test_ack_many_forgets_the_pending_and_ignores_the_rest(store: Store) -> None:
+    clock = FakeClock()
+    box = Outbox(store, b"w0", NO_JITTER, clock)
+    box.load()
+    for i in range(1, 5):
+        box.add(i, "d", b"", sending=True)
+    commit(store, box)
+    clock.now += 0.3
+    assert box.ack_many([1, 3, 99, 3]) == 2
+    assert box.pending == 2 and 1 not in box and 2 in box
+    assert box.rto == pytest.approx(max(NO_JITTER.initial, 0.3 + 4 * 0.15))
+    commit(store, box)
+    keys = [k for k, _ in store.iter_items("outbox", b"\x02w0m")]
+    assert keys == [b"\x02w0m" + bytes(7) + b"\x02", b"\x02w0m" + bytes(7) + b"\x04"]
+    clock.now += 5.0
+    assert [e.msg_id for e in box.due()] == [2, 4]  # acked entries leave no retry behind
+
+
+def test_stale_timers_of_acked_entries_are_compacted_away(store: Store) -> None:
+    clock = FakeClock()
+    box = Outbox(None, b"w0", NO_JITTER, clock)
+    for i in range(1, 20_001):
+        box.add(i, "d", b"")
+        (entry,) = box.due()
+        box.sent(entry)
+        box.ack(i)
+    assert box.pending == 0 and len(box._heap) <= 4096 + 2
+
+
 def test_due_without_sent_comes_back_later_without_counting(store: Store) -> None:
     clock = FakeClock()
     box = Outbox(store, b"w0", NO_JITTER, clock)

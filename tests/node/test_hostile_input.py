@@ -16,6 +16,7 @@ import pytest
 import zmq
 
 from ipc.protocol import (
+    ACKS,
     ASK,
     CREDIT,
     HELLO,
@@ -24,6 +25,7 @@ from ipc.protocol import (
     TELL,
     ErrorCode,
     ProtocolError,
+    decode_acks,
     decode_reply_batch,
     decode_reply_header,
     decode_reply_kind,
@@ -177,9 +179,12 @@ def replies_until_probe(sock: zmq.Socket[bytes], timeout: float = 10.0) -> list[
             continue
         if kind == CREDIT:
             continue
-        items = decode_reply_batch(frames[-1]) if kind == REPLY_BATCH else [
-            (corr, status, frames[-1])
-        ]  # fmt: skip
+        if kind == ACKS:
+            items = [(c, 0, b"\xc0") for c in decode_acks(frames[-1])]
+        elif kind == REPLY_BATCH:
+            items = decode_reply_batch(frames[-1])
+        else:
+            items = [(corr, status, frames[-1])]
         for corr, status, body in items:
             if corr == PROBE_CORR and status == 0:
                 return received

@@ -4,6 +4,7 @@ is answered with the right error code or dropped, and no process of the node die
 
 from __future__ import annotations
 
+import struct
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import pytest
 import zmq
 
 from ipc.protocol import (
+    ACKS,
     ADMIN,
     ASK,
     BATCH,
@@ -27,6 +29,7 @@ from ipc.protocol import (
     UNSUBSCRIBE,
     ErrorCode,
     ProtocolError,
+    decode_acks,
     decode_reply_batch,
     decode_reply_kind,
     unpack,
@@ -234,6 +237,8 @@ CORPUS: dict[str, Case] = {
     "REPLY with a request's fields": bad([b"", header(1, 16, CORR, AGENT, "get"), GET]),
     "REPLY_BATCH": bad([b"", header(1, REPLY_BATCH, 0, 0), raw([[CORR, 0, b"\xc0"]])]),
     "EVENT": bad([b"", header(1, 18, 1, 0), raw(["t", "", "1", b"\xc0"])]),
+    "ACKS": bad([b"", header(1, ACKS, 0, 0), struct.pack(">Q", CORR)]),
+    "ACKS of 7 bytes": bad([b"", header(1, ACKS, 0, 0), b"\x00" * 7]),
     "CREDIT of 2**63": bad([b"", header(1, CREDIT, 2**63, 0), b""]),
     "CREDIT with a request's fields": bad([b"", header(1, CREDIT, 5, AGENT, "get"), b""]),
 }
@@ -280,9 +285,12 @@ def exchange(ctx: Ctx, endpoint: str, frames: list[bytes], probes: dict[int, str
                 raise AssertionError(f"unreadable reply header {got[-2]!r}") from None
             if kind == CREDIT:
                 continue
-            items = (
-                decode_reply_batch(got[-1]) if kind == REPLY_BATCH else [(corr, status, got[-1])]
-            )
+            if kind == ACKS:
+                items = [(c, 0, b"\xc0") for c in decode_acks(got[-1])]
+            elif kind == REPLY_BATCH:
+                items = decode_reply_batch(got[-1])
+            else:
+                items = [(corr, status, got[-1])]
             for c, st, body in items:
                 if c in waiting and st == 0:
                     waiting.discard(c)
