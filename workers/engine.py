@@ -565,10 +565,20 @@ class Engine:
         owner = owner_index(agent_id, self.workers)
         entry = encode_entry(kind, msg_id, agent_id, action, delivery, attrs, payload)
         try:
-            self.outbox.add(msg_id, str(owner), entry)
+            # Sent now (it leaves after this iteration's commit, like every send); the
+            # outbox only times its retries.
+            self.outbox.add(msg_id, str(owner), entry, sending=True)
         except OutboxFullError:
             self.stats["outbox_full"] += 1
             log.error("outbox full: message to %s.%s dropped", agent_id, action)
+            return
+        if owner == self.index:
+            self._local_queued.add(msg_id)
+            self._enqueue(
+                Msg(kind, msg_id, agent_id, action, delivery, attrs, payload, None, msg_id)
+            )
+        else:
+            self._remote[owner].append(entry)
 
     def _load_clock(self, agent_id: str) -> CausalClock:
         raw = self.store.get("dedup", b"clock/" + agent_id.encode())

@@ -144,6 +144,9 @@ def parse_delivery(value: str | int | Delivery) -> Delivery:
 # -------------------------------------------------------------------- retry
 
 
+_FIRST_RTO = 1.0  # seconds: RFC 6298 section 2.1
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Exponential backoff with jitter, capped.
@@ -440,7 +443,10 @@ class Outbox:
         self._loaded = False
         self._srtt: float | None = None
         self._rttvar = 0.0
-        self._rto = self.policy.initial
+        # Before the first round trip is measured: RFC 6298's initial RTO of 1 s (or the
+        # policy's own delays when they are longer, or its cap when shorter). A burst
+        # queued deep in a receiver must not be re-sent before a single ack came back.
+        self._rto = min(max(self.policy.initial, _FIRST_RTO), self.policy.max_delay)
         self._backoff = [0.0] + [self.policy.delay(a) for a in range(1, 65)]
 
     # ------------------------------------------------------------- keys
@@ -552,9 +558,9 @@ class Outbox:
             # In place: due() holds a reference to the list while it pops.
             live = self._is_live
             self._heap[:] = [
-                (due, seq, kept)
+                (due, seq, group if group is self._group else kept)  # add() still appends
                 for due, seq, group in self._heap
-                if (kept := [e for e in group if live(e, due)])
+                if group is self._group or (kept := [e for e in group if live(e, due)])
             ]
             heapq.heapify(self._heap)
 
@@ -567,7 +573,8 @@ class Outbox:
     def rto(self) -> float:
         """The first-retry delay now: the policy's ``initial``, or more when acks take
         longer (smoothed round trip + 4 deviations, as TCP computes it), at most
-        ``max_delay``. Retries after the first multiply it like the policy does."""
+        ``max_delay``; 1 s (within those bounds) until the first ack was timed.
+        Retries after the first multiply it like the policy does."""
         return self._rto
 
     def _observe_rtt(self, sample: float) -> None:

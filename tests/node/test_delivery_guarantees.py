@@ -204,7 +204,7 @@ def test_copies_resent_to_a_stopped_worker_run_once_with_exactly_once(
     start_node: StartNode, delivery: str
 ) -> None:
     """A SIGSTOPped worker gets the original and re-sent copies of every message (the
-    backoff starts at 0.2 s) in its socket; once it runs again, a copy that finds its
+    first retry comes after 1 s, before any round trip was measured) in its socket; once it runs again, a copy that finds its
     original still queued is dropped (``resends_dropped``) and one that comes after it
     ran is answered from the dedup log (``duplicates``, exactly_once) or runs again
     (at_least_once): exactly_once runs each message once, at_least_once at least once."""
@@ -218,7 +218,7 @@ def test_copies_resent_to_a_stopped_worker_run_once_with_exactly_once(
         try:
             c.tell_many(_record_calls(keys, range(n)), delivery=delivery)
             with pytest.raises(NotAcknowledgedError, match=f"{n} message"):
-                c.flush(timeout=0.7)
+                c.flush(timeout=1.6)
             assert c.unacknowledged == n  # kept for the next flush
         finally:
             os.kill(pid, signal.SIGCONT)

@@ -220,6 +220,22 @@ def test_ack_many_forgets_the_pending_and_ignores_the_rest(store: Store) -> None
     assert [e.msg_id for e in box.due()] == [2, 4]  # acked entries leave no retry behind
 
 
+def test_a_compaction_keeps_the_open_shared_timer(store: Store) -> None:
+    """Entries added for sending after a compaction still join the timer in the heap."""
+    clock = FakeClock()
+    box = Outbox(None, b"w0", NO_JITTER, clock)
+    first = box.add(1, "d", b"", sending=True)
+    for i in range(2, 10_002):  # stale timers pile up until a compaction runs
+        box.add(i, "d", b"")
+        (entry,) = box.due()
+        box.sent(entry)
+        box.ack(i)
+    assert len(box._heap) < 10_000
+    second = box.add(10_002, "d", b"", sending=True)  # same millisecond: the open timer
+    clock.now += 1.0
+    assert box.due() == [first, second]
+
+
 def test_stale_timers_of_acked_entries_are_compacted_away(store: Store) -> None:
     clock = FakeClock()
     box = Outbox(None, b"w0", NO_JITTER, clock)
@@ -271,8 +287,26 @@ def test_slow_acks_stretch_the_retry_delay_so_queued_messages_are_not_resent(
     # 3.5 sends per message here. With the round-trip estimate almost none is re-sent: at most
     # the messages sent before the first ack came back.
     assert sends <= 200 * 1.25, sends
-    slow = Outbox(store, b"w1", policy, FakeClock())
-    assert slow.rto == 0.2
+
+
+def test_the_first_retry_waits_one_second_until_an_ack_was_timed(store: Store) -> None:
+    """RFC 6298's initial RTO: a burst's first messages are not re-sent at the policy's
+    0.2 s before any round trip is known; fast acks bring it down to ``initial``."""
+    policy = RetryPolicy(initial=0.2, multiplier=2.0, max_delay=30.0, max_retries=8, jitter=0.0)
+    clock = FakeClock()
+    box = Outbox(store, b"w1", policy, clock)
+    assert box.rto == 1.0
+    first = box.add(1, "d", b"", sending=True)
+    clock.now += 0.99
+    assert box.due() == []
+    clock.now += 0.01
+    assert box.due() == [first]
+    for i in range(2, 12):
+        box.add(i, "d", b"", sending=True)
+        clock.now += 0.005
+        box.ack_many([i])
+    assert box.rto == 0.2
+    assert Outbox(store, b"w2", RetryPolicy(initial=0.05, max_delay=0.5), clock).rto == 0.5
 
 
 def test_round_trip_samples_come_only_from_messages_sent_once(store: Store) -> None:
