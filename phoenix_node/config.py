@@ -192,6 +192,21 @@ OPTIONS: tuple[Option, ...] = (
         minimum=1.0,
     ),
     Option(
+        "replicas",
+        int,
+        2,
+        "cluster: nodes besides the owner that hold a copy of each agent's state",
+        minimum=0,
+    ),
+    Option(
+        "anti_entropy_interval",
+        float,
+        30.0,
+        "cluster: seconds between state digest exchanges with the peers (also run "
+        "soon after every membership change)",
+        minimum=0.1,
+    ),
+    Option(
         "fault_injection",
         bool,
         False,
@@ -231,6 +246,8 @@ class NodeConfig:
     vnodes: int = 128
     probe_interval: float = 0.5
     suspicion_mult: float = 4.0
+    replicas: int = 2
+    anti_entropy_interval: float = 30.0
     fault_injection: bool = False
     ready_file: str = ""
     log_level: str = "info"

@@ -57,7 +57,9 @@ from workers.placement import owner_index
 from workers.process import WorkerExit
 
 from .cluster.membership import NodeId, SwimConfig
+from .cluster.replication import DIGEST_ACTION, Replicator
 from .cluster.service import PEER_PREFIX, ClusterService
+from .state.store import Store
 
 __all__ = ["ControlSpec", "run_control"]
 
@@ -80,6 +82,10 @@ class ControlSpec:
     suspicion_mult: float = 4.0
     fault_injection: bool = False
     leave_timeout: float = 2.0
+    store_path: str = ""
+    durability: str = "durable"
+    replicas: int = 2
+    anti_entropy_interval: float = 30.0
 
 
 def run_control(spec: ControlSpec) -> NoReturn:
@@ -137,6 +143,14 @@ class _Control:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         self.cluster = self._start_cluster(ctx, poller)
+        self.store: Store | None = None
+        self.replicator: Replicator | None = None
+        if spec.store_path:
+            self.store = Store(spec.store_path, durability=spec.durability)  # type: ignore[arg-type]
+            self.replicator = Replicator(
+                self.store, self.cluster, replicas=spec.replicas,
+                anti_entropy_interval=spec.anti_entropy_interval,
+            )  # fmt: skip
         for i in range(spec.workers):
             back = make_dealer(ctx, immediate=False)
             back.connect(worker_ipc_endpoint(spec.node_id, i))
@@ -156,6 +170,8 @@ class _Control:
             for sock in (self.front, *self.backs):
                 sock.close(0)
             ctx.term()
+            if self.store is not None:
+                self.store.close()
 
     def _start_cluster(
         self, ctx: zmq.Context[zmq.Socket[bytes]], poller: zmq.Poller
@@ -188,6 +204,11 @@ class _Control:
         if now >= deadline:
             self.cluster.tick()
             deadline = self.cluster.next_deadline()
+        replicator = self.replicator
+        if replicator is not None:
+            if now >= replicator.next_deadline():
+                replicator.tick()
+            deadline = min(deadline, replicator.next_deadline())
         wake = min(self.next_beat, deadline)
         events = dict(poller.poll(max(1, int((wake - time.monotonic()) * 1000) + 1)))
         if spec.parent_fd in events:
@@ -249,6 +270,8 @@ class _Control:
             self._answer(stack, corr, self._status())
         elif kind == ADMIN and _action.startswith("cluster."):
             self._cluster_admin(stack, corr, _action, payload)
+        elif kind == ADMIN and _action == DIGEST_ACTION and from_peer:
+            self._digests(stack, corr, payload)
         elif not from_peer and not self.cluster.single() and kind in (ASK, TELL, BATCH):
             self._route(frames, stack, kind, corr, agent_id, payload)
         elif kind in (SUBSCRIBE, UNSUBSCRIBE) and b"phoenixagent" not in header:
@@ -331,7 +354,7 @@ class _Control:
         code, result = 0, None
         try:
             if action == "cluster.status":
-                result = self.cluster.status()
+                result = self._cluster_status()
             elif action == "cluster.leave":
                 # The supervisor stops the node; this process leaves on its SIGTERM.
                 result = {"leaving": str(self.cluster.me)}
@@ -350,15 +373,32 @@ class _Control:
             self._send([*stack, b"", encode_reply(corr, code), pack(error_payload(code, message))])
 
     def _relay(self, back: zmq.Socket[bytes], peer: str | None = None) -> None:
-        """Replies from a worker, or from a peer node that served a forwarded request."""
+        """Replies from a worker, or from a peer node that served a forwarded request
+        (or one of this process's own replication requests: no routing stack)."""
         drop = peer is not None and not self.cluster.accepts_from(peer)
         for _ in range(1000):
             try:
                 frames = back.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if not drop:
-                self._send(frames)
+            if drop:
+                continue
+            if peer is not None and frames and frames[0] == b"":
+                if self.replicator is not None:
+                    self.replicator.on_reply(peer, frames)
+                continue
+            self._send(frames)
+
+    def _digests(self, stack: list[bytes], corr: int, payload: bytes) -> None:
+        if self.replicator is None:
+            self._unavailable(stack, corr, "this node does not replicate")
+            return
+        try:
+            differ = self.replicator.on_digests(payload)
+        except ProtocolError as exc:
+            self._bad_frame(stack, ErrorCode.BAD_REQUEST, corr, str(exc))
+            return
+        self._send([*stack, b"", encode_reply(corr, 0), pack(differ)])
 
     def _answer(self, stack: list[bytes], corr: int, body: dict[str, Any]) -> None:
         self._send([*stack, b"", encode_reply(corr, 0), pack(body)])
@@ -381,7 +421,13 @@ class _Control:
             "forwarded": self.forwarded,
             "bad_frames": self.bad_frames,
         }
-        status["cluster"] = self.cluster.status()
+        status["cluster"] = self._cluster_status()
+        return status
+
+    def _cluster_status(self) -> dict[str, Any]:
+        status = self.cluster.status()
+        if self.replicator is not None:
+            status["replication"] = self.replicator.status()
         return status
 
     def _topology(self) -> dict[str, Any]:

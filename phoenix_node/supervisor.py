@@ -370,6 +370,10 @@ class Supervisor:
                 suspicion_mult=cfg.suspicion_mult,
                 fault_injection=cfg.fault_injection,
                 leave_timeout=min(cfg.drain_timeout, 2.0),
+                store_path=self.store_path,
+                durability=cfg.durability,
+                replicas=cfg.replicas,
+                anti_entropy_interval=cfg.anti_entropy_interval,
             )
         return WorkerSpec(
             index=slot.index,

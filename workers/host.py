@@ -18,20 +18,29 @@ Nothing here touches sockets: messages in and out are plain Python values.
 from __future__ import annotations
 
 import logging
+import os
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from ipc.protocol import ErrorCode, pack, unpack
-from phoenix_node.state import DecodeError, StoreError
+from phoenix_node.state import AgentState, DecodeError, StateError, StoreError
 from phoenix_node.state.store import Store, WriteBatch
 
 from .agent import Agent
 
-__all__ = ["AgentContext", "AgentHost", "Outgoing"]
+__all__ = ["MERGE_ACTION", "REPLICATE_KEY", "AgentContext", "AgentHost", "Outgoing"]
 
 log = logging.getLogger("phoenix.worker")
+
+#: The reserved action that merges a replica's state record into an agent's (no user
+#: action can have this name: action names never start with "_").
+MERGE_ACTION = "_merge"
+#: ``meta`` key the control process sets to b"1" while the node has peers to replicate to.
+REPLICATE_KEY = b"cluster.replicate"
+_REPL_STAMP = struct.Struct(">IQ")  # pid, commit sequence: tells one logged change from another
 
 OK = 0
 
@@ -118,6 +127,16 @@ class AgentHost:
         self.activations = 0
         self.passivations = 0
         self.commits = 0
+        # Replication (phoenix_node/cluster/replication.py): while the node has peers,
+        # each commit also logs the ids of the agents it changed into the ``repl`` db,
+        # in the same transaction; the control process ships those states to the
+        # agents' replicas. States merged in from a replica are not logged again.
+        self.replicate = False
+        self._replicate_checked = -1.0
+        self._merged: dict[str, AgentState] = {}  # merged into agents not active here
+        self._merged_only: set[str] = set()
+        self._repl_seq = 0
+        self.merges = 0
 
     # --- one message ---------------------------------------------------------------
 
@@ -138,6 +157,8 @@ class AgentHost:
                 agent_id,
                 action,
             )
+        if action == MERGE_ACTION:
+            return self._merge(agent_id, cls, payload)
         fn = cls.__phoenix_actions__.get(action)
         if fn is None:
             return self._error(
@@ -183,6 +204,43 @@ class AgentHost:
         except Exception as exc:
             return self._action_failed(agent, action, exc)
 
+    def _merge(self, agent_id: str, cls: type[Agent], payload: bytes) -> tuple[int, Any]:
+        """Join a replica's encoded state of ``agent_id`` into this node's (the reserved
+        action ``_merge``; its payload is the state record itself, not kwargs)."""
+        schema = cls.__phoenix_schema__
+        try:
+            incoming = schema.decode(payload, track_deltas=False)
+        except DecodeError as exc:
+            return self._error(ErrorCode.BAD_REQUEST, f"replica state: {exc}", agent_id, "_merge")
+        agent = self.active.get(agent_id)
+        if agent is not None:
+            state = agent._state
+        else:
+            state = self._merged.get(agent_id)  # type: ignore[assignment]
+            if state is None:
+                try:
+                    state = schema.load(self.store.load_state(agent_id), track_deltas=False)
+                except (DecodeError, StoreError) as exc:
+                    return self._error(ErrorCode.STORE_FAILED, str(exc), agent_id, "_merge")
+        was_dirty = state.dirty
+        before = state.encode()
+        try:
+            state.merge_in(incoming)
+        except StateError as exc:
+            return self._error(ErrorCode.BAD_REQUEST, f"replica state: {exc}", agent_id, "_merge")
+        if state.encode() == before:
+            if not was_dirty:
+                state.mark_clean()
+            return OK, False
+        self.merges += 1
+        if agent is not None:
+            if agent_id not in self._touched:
+                self._merged_only.add(agent_id)
+            self._touched[agent_id] = agent
+        else:
+            self._merged[agent_id] = state
+        return OK, True
+
     def _action_failed(self, agent: Agent, action: str, exc: Exception) -> tuple[int, Any]:
         try:
             agent.on_failure(exc, action)
@@ -207,7 +265,10 @@ class AgentHost:
     def _activate(self, agent_id: str, cls: type[Agent]) -> Agent:
         schema = cls.__phoenix_schema__
         try:
-            state = schema.load(self.store.load_state(agent_id), track_deltas=False)
+            merged = self._merged.pop(agent_id, None)  # a replica's state, not committed yet
+            if merged is not None:
+                self._merged_only.add(agent_id)
+            state = merged or schema.load(self.store.load_state(agent_id), track_deltas=False)
         except DecodeError as exc:
             raise _ActivationFailed(
                 ErrorCode.INTERNAL,
@@ -284,6 +345,18 @@ class AgentHost:
 
     # --- group commit ----------------------------------------------------------------
 
+    def _replicating(self) -> bool:
+        """Whether commits log changes for replication (the control's flag, read at most
+        once a second)."""
+        now = time.monotonic()
+        if now - self._replicate_checked >= 1.0:
+            self._replicate_checked = now
+            try:
+                self.replicate = self.store.get("meta", REPLICATE_KEY) == b"1"
+            except StoreError:
+                pass
+        return self.replicate
+
     def commit(self, extra: Callable[[WriteBatch], None] | None = None) -> bool:
         """Write every changed agent's state in one transaction.
 
@@ -298,9 +371,19 @@ class AgentHost:
         touched = self._touched
         dirty = [(agent_id, agent) for agent_id, agent in touched.items() if agent._state.dirty]
         touched.clear()
+        merged, self._merged = self._merged, {}
+        merged_only, self._merged_only = self._merged_only, set()
         batch = self.store.batch()
         for agent_id, agent in dirty:
             batch.save_state(agent_id, agent._state.encode())
+        for agent_id, state in merged.items():
+            batch.save_state(agent_id, state.encode())
+        if dirty and self._replicating():
+            self._repl_seq += 1
+            stamp = _REPL_STAMP.pack(os.getpid(), self._repl_seq)
+            for agent_id, _ in dirty:
+                if agent_id not in merged_only:
+                    batch.put("repl", agent_id.encode(), stamp)
         if extra is not None:
             extra(batch)
         if not len(batch):
@@ -312,7 +395,7 @@ class AgentHost:
             for agent_id, _ in dirty:
                 self.active.pop(agent_id, None)
                 self._last_used.pop(agent_id, None)
-            return False
+            return False  # merges are lost too: their senders get no ok and send again
         for _, agent in dirty:
             agent._state.mark_clean()
         self.commits += 1

@@ -11,7 +11,7 @@ integers sort numerically:
 
 - ``state``: key = the agent id (``"<Type>/<key>"``) in UTF-8; value = the
   agent's encoded state (opaque bytes, e.g. a CRDT's canonical ``encode()``).
-- ``registry``, ``outbox``, ``dedup``, ``events``, ``spill``: key and value
+- ``registry``, ``outbox``, ``dedup``, ``events``, ``spill``, ``repl``: key and value
   layouts belong to the module that writes them; the store treats them as
   opaque bytes.
 - ``meta``: key ``b"store.format_version"`` = the format version as ASCII
@@ -95,7 +95,7 @@ __all__ = [
     "WriteBatch",
 ]
 
-DB_NAMES: Final = ("state", "registry", "outbox", "dedup", "events", "spill", "meta")
+DB_NAMES: Final = ("state", "registry", "outbox", "dedup", "events", "spill", "meta", "repl")
 #: Version of the on-disk layout, stored in ``meta`` under :data:`FORMAT_KEY`.
 FORMAT_VERSION: Final = 1
 FORMAT_KEY: Final = b"store.format_version"
@@ -415,6 +415,26 @@ class Store:
 
         self._write(apply)
         ops.clear()
+
+    def delete_if(self, db: str, items: Iterable[tuple[bytes, bytes]]) -> int:
+        """Delete each ``key`` whose value is still ``value``, in one write transaction
+        (a compare-and-delete: a key rewritten since it was read stays); returns how
+        many were deleted."""
+        handle = self._handle(db)
+        pairs = [(_check_key(k), v) for k, v in items]
+        deleted = 0
+
+        def apply(txn: lmdb.Transaction[bytes]) -> None:
+            nonlocal deleted
+            deleted = 0
+            for key, value in pairs:
+                if txn.get(key, db=handle) == value:
+                    txn.delete(key, db=handle)
+                    deleted += 1
+
+        if pairs:
+            self._write(apply)
+        return deleted
 
     def _write(self, apply: Callable[[lmdb.Transaction[bytes]], None]) -> None:
         """Run ``apply`` in a write txn; grow or adopt the map and retry as needed."""

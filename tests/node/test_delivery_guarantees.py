@@ -204,10 +204,11 @@ def test_copies_resent_to_a_stopped_worker_run_once_with_exactly_once(
     start_node: StartNode, delivery: str
 ) -> None:
     """A SIGSTOPped worker gets the original and re-sent copies of every message (the
-    first retry comes after 1 s, before any round trip was measured) in its socket; once it runs again, a copy that finds its
-    original still queued is dropped (``resends_dropped``) and one that comes after it
-    ran is answered from the dedup log (``duplicates``, exactly_once) or runs again
-    (at_least_once): exactly_once runs each message once, at_least_once at least once."""
+    first retry comes after 1 s, before any round trip was measured) in its socket;
+    once it runs again, a copy that finds its original still queued is dropped
+    (``resends_dropped``) and one that comes after it ran is answered from the dedup log
+    (``duplicates``, exactly_once) or runs again (at_least_once): exactly_once runs
+    each message once, at_least_once at least once."""
     node = start_node(workers=WORKERS, agents=AGENTS, heartbeat_timeout=30)
     keys = _keys_on(0, "Recorder/st", 4)
     n = 200

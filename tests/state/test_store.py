@@ -210,6 +210,7 @@ def test_stats_and_reader_check(store: Store) -> None:
         "events": 30,
         "spill": 0,
         "meta": 1,  # the format version
+        "repl": 0,
     }
     assert stats["map_size"] == 256 * MiB
     assert 0 < stats["used_bytes"] < stats["map_size"]
@@ -613,3 +614,16 @@ def test_write_errors_are_store_write_errors(store: Store, monkeypatch: pytest.M
     monkeypatch.setattr(store, "_env", real)
     store.commit(b)
     assert store.get("meta", b"k") == b"v"
+
+
+def test_delete_if_deletes_only_keys_still_holding_the_value_read(store: Store) -> None:
+    with store.batch() as b:
+        b.put("repl", b"a", b"1")
+        b.put("repl", b"b", b"1")
+    with store.batch() as b:
+        b.put("repl", b"b", b"2")  # rewritten after it was read: must stay
+    assert store.delete_if("repl", [(b"a", b"1"), (b"b", b"1"), (b"c", b"1")]) == 1
+    assert dict(store.iter_items("repl")) == {b"b": b"2"}
+    assert store.delete_if("repl", []) == 0
+    with pytest.raises(InvalidValueError):
+        store.delete_if("repl", [(b"", b"1")])

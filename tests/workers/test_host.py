@@ -448,3 +448,53 @@ def test_tells_from_an_action_land_in_outgoing_packed(host: AgentHost) -> None:
     status, body = ask(host, "Probe/sender", "send_unpackable", target="Probe/y")
     assert status == ErrorCode.ACTION_FAILED and body["type"] == "TypeError"
     assert not host.outgoing
+
+
+# --- replication: _merge and the change log -------------------------------------------------
+
+
+def _probe_state(replica: str, n: int) -> bytes:
+    agent = Probe.__phoenix_schema__.new_state(track_deltas=False)
+    agent["hits"].increment(replica, n)
+    return agent.encode()
+
+
+def test_merge_joins_a_replica_state_into_stored_and_active_agents(
+    host: AgentHost, store: Store
+) -> None:
+    assert host.handle("Probe/cold", "_merge", _probe_state("other:0", 5)) == (0, True)
+    assert host.commit()
+    assert ask(host, "Probe/cold", "hit") == (0, 6)  # activated from the merged state
+    assert host.handle("Probe/cold", "_merge", _probe_state("other:0", 7)) == (0, True)
+    assert ask(host, "Probe/cold", "read") == (0, 8)  # merged into the active agent
+    assert host.commit()
+    assert host.handle("Probe/cold", "_merge", _probe_state("other:0", 7)) == (0, False)
+    assert not host.active["Probe/cold"]._state.dirty  # a merge that adds nothing
+    host.stop_all()
+    assert host.commit()
+    assert Probe.__phoenix_schema__.decode(store.load_state("Probe/cold") or b"").value == {
+        "hits": 8
+    }
+
+
+def test_merge_refuses_what_is_not_a_state_of_that_type(host: AgentHost) -> None:
+    code, payload = host.handle("Probe/x", "_merge", b"\x93\x01\x02\x03")
+    assert code == ErrorCode.BAD_REQUEST and "replica state" in payload["message"]
+    code, _ = host.handle("Nope/x", "_merge", _probe_state("o", 1))
+    assert code == ErrorCode.UNKNOWN_AGENT_TYPE
+
+
+def test_commits_log_changed_agents_for_replication_but_not_merges(
+    host: AgentHost, store: Store, clock: FakeClock
+) -> None:
+    ask(host, "Probe/before", "hit")
+    assert host.commit()
+    assert list(store.iter_items("repl")) == []  # no peers: nothing logged
+    with store.batch() as b:
+        b.put("meta", b"cluster.replicate", b"1")
+    host._replicate_checked = -10.0  # the flag is re-read at most once a second
+    ask(host, "Probe/changed", "hit")
+    host.handle("Probe/merged", "_merge", _probe_state("other:0", 2))
+    host.handle("Probe/before", "_merge", _probe_state("other:0", 2))  # active, merge only
+    assert host.commit()
+    assert [k for k, _ in store.iter_items("repl")] == [b"Probe/changed"]

@@ -1,0 +1,123 @@
+"""Replicated agent state across real node processes: shipping to the preference list,
+failover after kill -9, convergence after a partition with writes on both sides."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from phoenix_node import Node
+from phoenix_node.cluster.ring import Ring
+
+from ..conftest import kill_pids
+from .test_cluster_nodes import StartNode, all_up, node_pids, start_cluster, states, wait_for
+
+FAST = {"anti_entropy_interval": 1.0}
+
+
+def replication(node: Node) -> dict[str, Any]:
+    with node.client(timeout=5) as c:
+        status: dict[str, Any] = c.cluster_status()["replication"]
+        return status
+
+
+def settled(nodes: list[Node]) -> bool:
+    """No node has a logged change left to ship."""
+    return all((r := replication(n))["pending"] == 0 and r["in_flight"] == 0 for n in nodes)
+
+
+def counts(node: Node, keys: list[str]) -> list[int]:
+    with node.client(timeout=10) as c:
+        values: list[int] = c.ask_many([(k, "get", {}) for k in keys])
+        return values
+
+
+@pytest.mark.timeout(120)
+def test_acknowledged_writes_survive_kill_9_of_their_owner(start_node: StartNode) -> None:
+    nodes = start_cluster(start_node, 3, **FAST)
+    ring = Ring(dict.fromkeys((n.endpoint for n in nodes), 1.0))
+    victim = nodes[1]
+    keys = [f"Tally/repl{i}" for i in range(150)]
+    owned = [k for k in keys if ring.owner(k) == victim.endpoint]
+    assert len(owned) > 20, "too few keys on the victim: nothing would be tested"
+    with nodes[0].client(timeout=10) as c:
+        for _ in range(3):
+            c.tell_many([(k, "inc", {}) for k in keys], delivery="at_least_once")
+        c.flush(timeout=30)  # every write acknowledged: committed by its owner
+    wait_for(lambda: settled(nodes), 20, "the writes to reach every replica")
+    for node in nodes:
+        shipped = replication(node)
+        assert shipped["rejected"] == 0, shipped
+    assert replication(victim)["acked"] >= len(owned)
+    pids = node_pids(victim)
+    try:
+        os.kill(victim.pid, signal.SIGKILL)
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for observer in (nodes[0], nodes[2]):
+            wait_for(
+                lambda o=observer: states(o).get(victim.endpoint) == "down",  # type: ignore[misc]
+                15,
+                "the dead node to be declared down",
+            )
+    finally:
+        kill_pids(pids)
+    for survivor in (nodes[0], nodes[2]):  # the new owners serve the replicated state
+        assert counts(survivor, keys) == [3] * len(keys), f"via {survivor.endpoint}"
+    with nodes[2].client(timeout=10) as c:  # and keep taking writes
+        c.tell_many([(k, "inc", {}) for k in owned], delivery="at_least_once")
+        c.flush(timeout=30)
+    assert counts(nodes[0], owned) == [4] * len(owned)
+
+
+@pytest.mark.timeout(150)
+def test_a_partition_with_writes_on_both_sides_converges_after_the_heal(
+    start_node: StartNode,
+) -> None:
+    nodes = start_cluster(start_node, 3, fault_injection=True, **FAST)
+    a, b, c = nodes
+    keys = [f"Tally/split{i}" for i in range(60)]
+    with a.client() as ca, b.client() as cb, c.client() as cc:
+        ca.tell_many([(k, "inc", {}) for k in keys], delivery="at_least_once")
+        ca.flush(timeout=30)
+        wait_for(lambda: settled(nodes), 20, "the first writes to reach every replica")
+        ca.inject_faults(partition=[c.endpoint])
+        cb.inject_faults(partition=[c.endpoint])
+        cc.inject_faults(partition=[a.endpoint, b.endpoint])
+        wait_for(lambda: states(a).get(c.endpoint) == "down", 15, "A to see C down")
+        wait_for(lambda: states(c).get(a.endpoint) == "down", 15, "C to see A down")
+        wait_for(lambda: states(c).get(b.endpoint) == "down", 15, "C to see B down")
+        # Each side takes writes to every key: two on the {A, B} side, three on C's.
+        for _ in range(2):
+            cb.tell_many([(k, "inc", {}) for k in keys], delivery="at_least_once")
+        cb.flush(timeout=30)
+        for _ in range(3):
+            cc.tell_many([(k, "inc", {}) for k in keys], delivery="at_least_once")
+        cc.flush(timeout=30)
+        assert counts(a, keys) == [3] * len(keys)
+        assert counts(c, keys) == [4] * len(keys)
+        t0 = time.monotonic()
+        for client in (ca, cb, cc):
+            client.inject_faults()  # heal
+        wait_for(lambda: all_up(nodes), 30, "the healed cluster to be all up")
+        want = [6] * len(keys)  # 1 before + 2 on one side + 3 on the other: none lost
+        wait_for(
+            lambda: all(counts(n, keys) == want for n in nodes),
+            30,
+            "every node to read the merged counts",
+        )
+        converged = time.monotonic() - t0
+        wait_for(lambda: settled(nodes), 20, "the replicas to settle")
+    print(f"\nstate converged on every node {converged:.2f} s after the heal")
+    # Every replica holds the merged state, not only the owners: read each node's own copy.
+    ring = Ring(dict.fromkeys((n.endpoint for n in nodes), 1.0))
+    assert all(len(ring.preference(k, 3)) == 3 for k in keys)
+    for node in nodes:
+        assert replication(node)["rejected"] == 0
