@@ -248,6 +248,21 @@ def decode_acks(payload: bytes) -> list[int]:
     return ids.tolist()
 
 
+def reply_items(
+    kind: int, corr_id: int, status: int, payload: bytes
+) -> list[tuple[int, int, bytes]]:
+    """The ``(corr, status, body)`` answers one reply-direction frame carries (its header
+    decoded by :func:`decode_reply_kind`): a REPLY one, a REPLY_BATCH its triples, an
+    ACKS its ids (status 0, body nil); EVENT and CREDIT none."""
+    if kind == REPLY:
+        return [(corr_id, status, payload)]
+    if kind == REPLY_BATCH:
+        return decode_reply_batch(payload)
+    if kind == ACKS:
+        return [(c, 0, b"\xc0") for c in decode_acks(payload)]
+    return []
+
+
 def encode_reply_kind(kind: int, corr_id: int, status: int = 0) -> bytes:
     """A reply-direction header of any kind (REPLY_BATCH, EVENT, CREDIT)."""
     return _packer.pack([PROTOCOL_VERSION, kind, corr_id, status])

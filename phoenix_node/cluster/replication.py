@@ -50,21 +50,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipc.protocol import (
-    ACKS,
     ADMIN,
     ASK,
-    CREDIT,
     REPLY,
-    REPLY_BATCH,
+    RETRYABLE,
     ProtocolError,
-    decode_acks,
-    decode_reply_batch,
     decode_reply_kind,
     encode_batch_header,
     encode_entry,
     encode_request,
     join_entries,
     pack,
+    reply_items,
     split_envelope,
     unpack,
 )
@@ -81,7 +78,6 @@ log = logging.getLogger("phoenix.replication")
 DIGEST_ACTION = "replica.digest"
 _DIGESTS_PER_MESSAGE = 2000
 _SHIP_INTERVAL = 0.01  # seconds between shipping turns while changes wait
-_RETRYABLE = frozenset((5, 6, 11, 12))  # UNAVAILABLE, STORE_FAILED, BACKPRESSURE, RATE_LIMITED
 
 
 def state_digest(state: bytes) -> bytes:
@@ -165,19 +161,11 @@ class Replicator:
         try:
             _, header, payload = split_envelope(frames)
             kind, corr, status = decode_reply_kind(header)
-            if kind == REPLY:
-                if corr in self._digest_corrs:
-                    self._on_digest_reply(self._digest_corrs.pop(corr), status, payload)
-                else:
-                    self._on_result(corr, status)
-            elif kind == REPLY_BATCH:
-                for c, st, _ in decode_reply_batch(payload):
-                    self._on_result(c, st)
-            elif kind == ACKS:
-                for c in decode_acks(payload):
-                    self._on_result(c, 0)
-            elif kind != CREDIT:
-                log.debug("unexpected reply kind %d from %s", kind, peer)
+            if kind == REPLY and corr in self._digest_corrs:
+                self._on_digest_reply(self._digest_corrs.pop(corr), status, payload)
+                return
+            for c, st, _ in reply_items(kind, corr, status, payload):
+                self._on_result(c, st)
         except ProtocolError as exc:
             log.warning("bad replication reply from %s: %s", peer, exc)
 
@@ -266,7 +254,7 @@ class Replicator:
         flight = self._flights.get(agent_id)
         if flight is None:
             return
-        if status in _RETRYABLE:
+        if status in RETRYABLE:
             return  # shipped again once the flight expires
         if status != 0:
             self.rejected += 1

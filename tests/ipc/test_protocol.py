@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 
 from ipc import ProtocolError
 from ipc.protocol import (
+    ACKS,
     ASK,
+    CREDIT,
+    EVENT,
     HELLO,
     MAX_ACTION,
     MAX_AGENT_ID,
@@ -20,6 +23,7 @@ from ipc.protocol import (
     MAX_HEADER,
     PROTOCOL_VERSION,
     REPLY,
+    REPLY_BATCH,
     STATUS,
     TELL,
     ErrorCode,
@@ -29,8 +33,10 @@ from ipc.protocol import (
     decode_reply_header,
     encode_acks,
     encode_reply,
+    encode_reply_batch,
     encode_request,
     pack,
+    reply_items,
     split_envelope,
     unpack,
 )
@@ -457,3 +463,11 @@ def test_acks_round_trip_as_big_endian_u64() -> None:
 def test_acks_of_a_wrong_size_are_refused(payload: bytes) -> None:
     with pytest.raises(ProtocolError, match="ACKS payload"):
         decode_acks(payload)
+
+
+def test_reply_items_of_every_reply_kind() -> None:
+    assert reply_items(REPLY, 7, 3, b"\x01") == [(7, 3, b"\x01")]
+    batch = encode_reply_batch([(1, 0, b"\xc0"), (2, 4, b"\x02")])
+    assert reply_items(REPLY_BATCH, 0, 0, batch) == [[1, 0, b"\xc0"], [2, 4, b"\x02"]]
+    assert reply_items(ACKS, 0, 0, encode_acks([5, 6])) == [(5, 0, b"\xc0"), (6, 0, b"\xc0")]
+    assert reply_items(CREDIT, 9, 0, b"") == [] and reply_items(EVENT, 1, 0, b"") == []

@@ -16,20 +16,17 @@ import pytest
 import zmq
 
 from ipc.protocol import (
-    ACKS,
     ASK,
     CREDIT,
     HELLO,
-    REPLY_BATCH,
     STATUS,
     TELL,
     ErrorCode,
     ProtocolError,
-    decode_acks,
-    decode_reply_batch,
     decode_reply_header,
     decode_reply_kind,
     encode_request,
+    reply_items,
     unpack,
 )
 from phoenix_node import Client, Node
@@ -179,16 +176,10 @@ def replies_until_probe(sock: zmq.Socket[bytes], timeout: float = 10.0) -> list[
             continue
         if kind == CREDIT:
             continue
-        if kind == ACKS:
-            items = [(c, 0, b"\xc0") for c in decode_acks(frames[-1])]
-        elif kind == REPLY_BATCH:
-            items = decode_reply_batch(frames[-1])
-        else:
-            items = [(corr, status, frames[-1])]
-        for corr, status, body in items:
-            if corr == PROBE_CORR and status == 0:
+        for c, st, body in reply_items(kind, corr, status, frames[-1]):
+            if c == PROBE_CORR and st == 0:
                 return received
-            received.append((corr, status, body, frames))
+            received.append((c, st, body, frames))
     raise AssertionError("the probe sent after the case got no reply: the receiver is stuck")
 
 

@@ -29,9 +29,8 @@ from ipc.protocol import (
     UNSUBSCRIBE,
     ErrorCode,
     ProtocolError,
-    decode_acks,
-    decode_reply_batch,
     decode_reply_kind,
+    reply_items,
     unpack,
 )
 from phoenix_node import Node
@@ -285,13 +284,7 @@ def exchange(ctx: Ctx, endpoint: str, frames: list[bytes], probes: dict[int, str
                 raise AssertionError(f"unreadable reply header {got[-2]!r}") from None
             if kind == CREDIT:
                 continue
-            if kind == ACKS:
-                items = [(c, 0, b"\xc0") for c in decode_acks(got[-1])]
-            elif kind == REPLY_BATCH:
-                items = decode_reply_batch(got[-1])
-            else:
-                items = [(corr, status, got[-1])]
-            for c, st, body in items:
+            for c, st, body in reply_items(kind, corr, status, got[-1]):
                 if c in waiting and st == 0:
                     waiting.discard(c)
                 else:
