@@ -7,6 +7,8 @@ its import path (the bench starts it from there).
 - :class:`Tally`: a grow-only counter, the receiver of the tell scenarios:
   reading it back proves how many messages ran.
 - :class:`Listener`: counts the events of its topic subscriptions.
+- :class:`Journal`: a grow-only set of entries, for tests that must tell which
+  writes are present (not only how many).
 - :class:`Slow`: an action that sleeps ~1 ms (about 1,000 messages/s per
   worker), the target of the overload scenario. Its mailbox is small on
   purpose, so that the memory bound it sets is easy to see.
@@ -17,10 +19,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from phoenix_node.state import GCounter
+from phoenix_node.state import GCounter, GSet
 from workers.agent import Agent, action
 
-__all__ = ["SLOW_MAILBOX", "Listener", "Slow", "Tally"]
+__all__ = ["SLOW_MAILBOX", "Journal", "Listener", "Slow", "Tally"]
 
 #: the mailbox of every Slow agent: reject (BACKPRESSURE) once 1,000 messages wait
 SLOW_MAILBOX = {"capacity": 1000, "low_watermark": 500, "strategy": "reject"}
@@ -42,6 +44,20 @@ class Tally(Agent):
     @action
     def get(self) -> int:
         return self.count.value
+
+
+class Journal(Agent):
+    """``add(entry)`` records an entry; ``entries()`` lists every entry, sorted."""
+
+    seen = GSet()
+
+    @action
+    def add(self, entry: str) -> None:
+        self.seen.add(entry)
+
+    @action
+    def entries(self) -> list[str]:
+        return sorted(self.seen.value)
 
 
 class Listener(Agent):

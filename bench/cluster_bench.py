@@ -9,7 +9,9 @@ round trips over tcp, msgpack on both sides, 100 in flight. Each round measures:
   Tally agents that A owns (through A's public endpoint, as every client of a
   cluster node sends);
 - **asks_cross** the same to agents that node B owns: each request takes the one
-  extra hop A -> B and its reply B -> A;
+  extra hop A -> B and its reply B -> A, and (a write) waits for B to replicate it;
+- **reads_cross** ``get`` asks to the same agents: no state change, so nothing to
+  replicate: the cost of the cross-node hop alone;
 - **latency_cross** one cross-node ask at a time: p50 / p99.
 
 Then, once: **detection** ``--kills`` times a third node is started, joins, and is
@@ -18,9 +20,14 @@ killed with SIGKILL; the time until both survivors hold it ``down`` is recorded
 **moved_on_join** the share of 20,000 agent ids whose owner changes when a third
 node joins two (the ring, and the same check on the live members' ring).
 
+Every ``inc`` is a write: with ``replication_ack=replicas`` (the nodes' default,
+``--replication-ack owner`` to compare) its answer waits until the other node,
+the agent's replica, holds it; the report shows node B's replication counters.
+
 Verification: every ask of every round answered with the count the agent must
-have. Exit status 1 if a check fails. Target (from the cluster issue): asks_cross
->= 0.3 of the raw round-trip rate.
+have, and node B's replica acknowledged its shipments. Exit status 1 if a check
+fails. Target (from the cluster issue): cross-node asks >= 0.3 of the raw
+round-trip rate, shown for writes (asks_cross) and reads (reads_cross).
 
 Run: ``.venv/bin/python bench/cluster_bench.py [--quick] [--json]``.
 """
@@ -51,7 +58,7 @@ __all__ = ["TARGETS", "main", "run_bench"]
 
 AGENTS = ["bench.agents:Tally"]
 CHUNK = 100
-TARGETS = {"asks_cross": ("raw_rt100", 0.3)}
+TARGETS = {"asks_cross": ("raw_rt100", 0.3), "reads_cross": ("raw_rt100", 0.3)}
 
 
 def _node(tmp: str, name: str, **settings: Any) -> Node:
@@ -81,19 +88,27 @@ def _all_up(nodes: list[Node]) -> bool:
 
 
 def asks(
-    client: Client, keys: list[str], seconds: float, expected: dict[str, int]
+    client: Client,
+    keys: list[str],
+    seconds: float,
+    expected: dict[str, int],
+    action: str = "inc",
 ) -> dict[str, Any]:
-    """Pipelined ``inc`` asks in chunks of CHUNK for ``seconds``; every answer must be
-    None (an error comes back as an exception object); the counts are checked at the end."""
+    """Pipelined ``inc`` (or ``get``) asks in chunks of CHUNK for ``seconds``; every
+    ``inc`` must answer None (an error comes back as an exception object), every ``get``
+    the count so far; the counts are checked at the end."""
     n, bad, t0 = 0, 0, time.perf_counter()
     i = 0
     while time.perf_counter() - t0 < seconds:
         chunk = keys[i % len(keys) : i % len(keys) + CHUNK] or keys[:CHUNK]
         i += CHUNK
-        results = client.ask_many([(k, "inc", {}) for k in chunk], timeout=60)
+        results = client.ask_many([(k, action, {}) for k in chunk], timeout=60)
         for k, r in zip(chunk, results, strict=True):
-            expected[k] += 1
-            bad += r is not None  # inc returns nothing: anything else is an error
+            if action == "inc":
+                expected[k] += 1
+                bad += r is not None  # inc returns nothing: anything else is an error
+            else:
+                bad += r != expected[k]
         n += len(chunk)
     dt = time.perf_counter() - t0
     return {"rate": n / dt, "asks": n, "wrong": bad}
@@ -141,14 +156,16 @@ def detection(tmp: str, a: Node, b: Node, kills: int) -> dict[str, Any]:
     return {"p50_s": percentile(times, 0.5), "p99_s": percentile(times, 0.99), "samples": times}
 
 
-def run_bench(seconds: float, repeat: int, kills: int, say: Any = None) -> dict[str, Any]:
+def run_bench(
+    seconds: float, repeat: int, kills: int, say: Any = None, ack: str = "replicas"
+) -> dict[str, Any]:
     say = say or (lambda _m: None)
     import tempfile
 
     tmp = tempfile.mkdtemp(prefix="phoenix-cluster-bench-")
     samples: dict[str, list[dict[str, Any]]] = {}
-    a = _node(tmp, "a")
-    b = _node(tmp, "b", seeds=[a.endpoint])
+    a = _node(tmp, "a", replication_ack=ack)
+    b = _node(tmp, "b", seeds=[a.endpoint], replication_ack=ack)
     try:
         _wait(lambda: _all_up([a, b]), 30, "two nodes up")
         ring = Ring({a.endpoint: 1.0, b.endpoint: 1.0})
@@ -163,6 +180,7 @@ def run_bench(seconds: float, repeat: int, kills: int, say: Any = None) -> dict[
                     ("raw_rt100", lambda: {"rate": raw_dealer_router_roundtrip(50_000)}),
                     ("asks_local", lambda: asks(client, local, seconds, expected)),
                     ("asks_cross", lambda: asks(client, cross, seconds, expected)),
+                    ("reads_cross", lambda: asks(client, cross, seconds, expected, "get")),
                     ("latency_cross", lambda: latency(client, cross, 2000, expected)),
                 ):
                     result = run()
@@ -171,6 +189,7 @@ def run_bench(seconds: float, repeat: int, kills: int, say: Any = None) -> dict[
             forwarded = client.cluster_status()["forwarded"]
         with b.client(timeout=60) as other:  # the counts, read through the other node
             final = other.ask_many([(k, "get", {}) for k in local + cross], timeout=60)
+            replication = other.cluster_status()["replication"]
         consistent = final == [expected[k] for k in local + cross]
         say("detection")
         detect = detection(tmp, a, b, kills)
@@ -199,21 +218,31 @@ def run_bench(seconds: float, repeat: int, kills: int, say: Any = None) -> dict[
         "detection": detect,
         "moved_on_join": moved_share,
         "forwarded": forwarded,
-        "checks": {"wrong_answers": wrong, "consistent_via_other_node": consistent},
-        "ok": wrong == 0 and consistent and forwarded > 0,
+        "replication_of_b": replication,
+        "checks": {
+            "wrong_answers": wrong,
+            "consistent_via_other_node": consistent,
+            "replicated": replication["acked"] > 0 and replication["hold_timeouts"] == 0,
+        },
+        "ok": wrong == 0 and consistent and forwarded > 0 and replication["acked"] > 0,
     }
 
 
 def format_table(report: dict[str, Any]) -> str:
     f, r = report["figures"], report["ratios"]
     d = report["detection"]
+    repl = report["replication_of_b"]
     lines = [
         "Phoenix cluster bench: 2 nodes x 1 worker on loopback (durable), medians",
+        f"replication_ack={repl['ack']}: node B shipped {repl['shipped']:,} states, "
+        f"{repl['acked']:,} acked by the replica, {repl['hold_timeouts']} hold timeouts",
         f"raw DEALER->ROUTER tcp, 100 in flight   {f['raw_rt100']['rate']:>10,.0f} rt/s",
         f"asks to agents of the node asked       {f['asks_local']['rate']:>10,.0f} /s  "
         f"{r['asks_local']:.3f} of raw",
         f"asks to agents of the other node       {f['asks_cross']['rate']:>10,.0f} /s  "
-        f"{r['asks_cross']:.3f} of raw (target >= 0.3)",
+        f"{r['asks_cross']:.3f} of raw (writes, replicated before the answer)",
+        f"reads of agents of the other node      {f['reads_cross']['rate']:>10,.0f} /s  "
+        f"{r['reads_cross']:.3f} of raw (the cross-node hop alone)",
         f"cross-node ask latency, one at a time  p50 {f['latency_cross']['p50_us']:,.0f} us, "
         f"p99 {f['latency_cross']['p99_us']:,.0f} us",
         f"kill -9 detected down by both others   p50 {d['p50_s']:.2f} s, p99 {d['p99_s']:.2f} s "
@@ -236,13 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=5, help="node kills timed for detection")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--replication-ack",
+        choices=("replicas", "owner"),
+        default="replicas",
+        help="when the nodes acknowledge a write (the node option replication_ack)",
+    )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.repeat < 1 or args.kills < 1:
         parser.error("--seconds must be > 0, --repeat and --kills >= 1")
     if args.quick:
         args.seconds, args.repeat, args.kills = 0.3, 1, 1
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    report = run_bench(args.seconds, args.repeat, args.kills, say)
+    report = run_bench(args.seconds, args.repeat, args.kills, say, args.replication_ack)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0 if report["ok"] else 1
 

@@ -207,6 +207,23 @@ OPTIONS: tuple[Option, ...] = (
         minimum=0.1,
     ),
     Option(
+        "replication_ack",
+        str,
+        "replicas",
+        "cluster: when a write is acknowledged: once every alive replica holds it "
+        "(replicas) or once its owner committed it, shipped right after (owner)",
+        choices=("replicas", "owner"),
+    ),
+    Option(
+        "replication_timeout",
+        float,
+        5.0,
+        "cluster: seconds a reply waits for the replicas (replication_ack=replicas) "
+        "before the client gets UNAVAILABLE (the write stays on its owner and is "
+        "shipped later)",
+        minimum=0.1,
+    ),
+    Option(
         "fault_injection",
         bool,
         False,
@@ -248,6 +265,8 @@ class NodeConfig:
     suspicion_mult: float = 4.0
     replicas: int = 2
     anti_entropy_interval: float = 30.0
+    replication_ack: str = "replicas"
+    replication_timeout: float = 5.0
     fault_injection: bool = False
     ready_file: str = ""
     log_level: str = "info"

@@ -86,6 +86,8 @@ class ControlSpec:
     durability: str = "durable"
     replicas: int = 2
     anti_entropy_interval: float = 30.0
+    replication_ack: str = "replicas"
+    replication_timeout: float = 5.0
 
 
 def run_control(spec: ControlSpec) -> NoReturn:
@@ -150,6 +152,8 @@ class _Control:
             self.replicator = Replicator(
                 self.store, self.cluster, replicas=spec.replicas,
                 anti_entropy_interval=spec.anti_entropy_interval,
+                ack=spec.replication_ack, hold_timeout=spec.replication_timeout,
+                send=self._send,
             )  # fmt: skip
         for i in range(spec.workers):
             back = make_dealer(ctx, immediate=False)
@@ -376,6 +380,10 @@ class _Control:
         """Replies from a worker, or from a peer node that served a forwarded request
         (or one of this process's own replication requests: no routing stack)."""
         drop = peer is not None and not self.cluster.accepts_from(peer)
+        replicator = self.replicator
+        # A worker's replies to clients wait for the replicas (replication_ack); not
+        # those to a peer's own replication requests (stack: that peer's id alone).
+        hold = peer is None and replicator is not None and replicator.holds()
         for _ in range(1000):
             try:
                 frames = back.recv_multipart(zmq.NOBLOCK)
@@ -384,8 +392,15 @@ class _Control:
             if drop:
                 continue
             if peer is not None and frames and frames[0] == b"":
-                if self.replicator is not None:
-                    self.replicator.on_reply(peer, frames)
+                if replicator is not None:
+                    replicator.on_reply(peer, frames)
+                continue
+            if (
+                hold
+                and len(frames) > 3
+                and not (frames[1] == b"" and frames[0].startswith(PEER_PREFIX))
+            ):
+                replicator.hold(frames)  # type: ignore[union-attr]
                 continue
             self._send(frames)
 

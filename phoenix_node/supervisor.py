@@ -374,6 +374,8 @@ class Supervisor:
                 durability=cfg.durability,
                 replicas=cfg.replicas,
                 anti_entropy_interval=cfg.anti_entropy_interval,
+                replication_ack=cfg.replication_ack,
+                replication_timeout=cfg.replication_timeout,
             )
         return WorkerSpec(
             index=slot.index,

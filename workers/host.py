@@ -347,9 +347,9 @@ class AgentHost:
 
     def _replicating(self) -> bool:
         """Whether commits log changes for replication (the control's flag, read at most
-        once a second)."""
+        every 0.2 s)."""
         now = time.monotonic()
-        if now - self._replicate_checked >= 1.0:
+        if now - self._replicate_checked >= 0.2:
             self._replicate_checked = now
             try:
                 self.replicate = self.store.get("meta", REPLICATE_KEY) == b"1"

@@ -21,11 +21,31 @@ Shipping (eventual; the change log is a transactional outbox)
     ``timeout`` seconds: shipped again. A final error (the target does not
     know the agent type): counted and given up for that target.
 
-    A write is acknowledged to its client after the owner's commit, before it
-    is shipped: a node that dies within the shipping delay (one loop turn plus
-    a round trip, milliseconds when the peers are up) takes its last writes
-    with it until it comes back; the ``pending`` figure of the status is that
-    window. Synchronous replication is the strong-consistency issue's job.
+When a write is acknowledged (``replication_ack``)
+    ``replicas`` (the default): the control process holds every reply a worker
+    sends to a client (REPLY, REPLY_BATCH, ACKS; not CREDIT or events) until
+    the replicas hold what was committed before it. Held replies form a group
+    at the next shipping turn, which reads the change log: the group waits for
+    each logged agent until a shipment of that agent's logged stamp, or one
+    read after the group was formed, has been answered by every alive replica
+    of the agent. The worker logs a change in the commit transaction, before it
+    sends the reply, so the log read after the reply came holds every commit
+    the reply stands for. A group that is not through in ``hold_timeout``
+    seconds (a replica unreachable but not yet declared down) is released as
+    UNAVAILABLE errors: the write stays committed on its owner and is shipped
+    later; an at-least-once sender sends it again. Replies to a peer's own
+    replication requests are never held (two nodes would wait on each other).
+    So an acknowledged write is on every alive replica of its agent: it
+    survives a kill -9 of its owner provided one replica survives.
+
+    ``owner``: a write is acknowledged after the owner's commit, before it is
+    shipped: a node that dies within the shipping delay (one loop turn plus a
+    round trip) takes its last writes with it until it comes back; the
+    ``pending`` figure of the status is that window.
+
+    The barrier is one per node, not per agent: while a replica is unreachable
+    but not yet down, every write of the node waits (at most the failure
+    detector's time to declare it down; then the replica leaves the targets).
 
 Anti-entropy (repairs what shipping missed)
     Every ``anti_entropy_interval`` seconds, and soon after each change of the
@@ -45,19 +65,25 @@ import hashlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ipc.protocol import (
+    ACKS,
     ADMIN,
     ASK,
     REPLY,
+    REPLY_BATCH,
     RETRYABLE,
+    ErrorCode,
     ProtocolError,
     decode_reply_kind,
     encode_batch_header,
     encode_entry,
+    encode_reply_batch,
+    encode_reply_kind,
     encode_request,
     join_entries,
     pack,
@@ -66,11 +92,11 @@ from ipc.protocol import (
     unpack,
 )
 from phoenix_node.state.store import Store, StoreError
-from workers.host import MERGE_ACTION, REPLICATE_KEY
+from workers.host import MERGE_ACTION, REPLICATE_KEY, error_payload
 
 from .service import ClusterService
 
-__all__ = ["DIGEST_ACTION", "Replicator", "state_digest"]
+__all__ = ["ACKS_REPLICAS", "DIGEST_ACTION", "Replicator", "state_digest"]
 
 log = logging.getLogger("phoenix.replication")
 
@@ -78,6 +104,10 @@ log = logging.getLogger("phoenix.replication")
 DIGEST_ACTION = "replica.digest"
 _DIGESTS_PER_MESSAGE = 2000
 _SHIP_INTERVAL = 0.01  # seconds between shipping turns while changes wait
+_FLUSH_INTERVAL = 0.05  # seconds between deletions of replicated log entries
+#: ``replication_ack`` value: replies wait until the replicas hold the write
+ACKS_REPLICAS = "replicas"
+_HELD_KINDS = frozenset((REPLY, REPLY_BATCH, ACKS))
 
 
 def state_digest(state: bytes) -> bytes:
@@ -91,8 +121,19 @@ class _Flight:
 
     stamp: bytes
     deadline: float
+    turn: int
     waiting: set[int] = field(default_factory=set)
-    failed: bool = False
+
+
+@dataclass
+class _Group:
+    """Replies held until the changes logged when they were grouped reached the replicas."""
+
+    replies: list[list[bytes]]
+    turn: int
+    deadline: float
+    waits: dict[str, bytes]  # agent id -> the stamp logged when the group was formed
+    done: bool = False
 
 
 class Replicator:
@@ -105,6 +146,9 @@ class Replicator:
         *,
         replicas: int = 2,
         anti_entropy_interval: float = 30.0,
+        ack: str = ACKS_REPLICAS,
+        hold_timeout: float = 5.0,
+        send: Callable[[list[bytes]], None] | None = None,
         batch: int = 256,
         timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -112,6 +156,10 @@ class Replicator:
         self.store = store
         self.cluster = cluster
         self.replicas = replicas
+        self.ack = ack
+        self.sync = ack == ACKS_REPLICAS and replicas > 0
+        self.hold_timeout = hold_timeout
+        self._send = send
         self.anti_entropy_interval = anti_entropy_interval
         self.batch = batch
         self.timeout = timeout
@@ -124,6 +172,16 @@ class Replicator:
         self._ring = cluster.ring
         self._next_anti_entropy = clock() + anti_entropy_interval
         self._next_ship = 0.0
+        self._turn = 0
+        # Log entries shipped to every target, deleted (if unchanged) at the next flush:
+        # one write transaction per _FLUSH_INTERVAL, not per answer; reads skip them.
+        self._done: dict[bytes, bytes] = {}
+        self._next_flush = 0.0
+        self._open: list[list[bytes]] = []  # replies not grouped yet
+        self._groups: deque[_Group] = deque()  # by age, for the hold timeout
+        self._waiting: dict[str, list[_Group]] = {}  # agent id -> groups waiting on it
+        self.held = 0  # replies held now
+        self.hold_timeouts = 0  # replies released as UNAVAILABLE
         self.shipped = 0  # states sent (one per target)
         self.acked = 0  # logged changes on every target
         self.rejected = 0  # final errors from a target
@@ -136,21 +194,54 @@ class Replicator:
 
     def next_deadline(self) -> float:
         """When :meth:`tick` has work: now while changes wait, else the next anti-entropy."""
-        if self._flag and (self._flights or self._has_log()):
-            return min(self._next_ship, self._next_anti_entropy)
-        return self._next_anti_entropy
+        if self._open or self._flag is not (not self.cluster.single()):
+            return 0.0  # now: held replies are grouped and shipped; the log switched
+        if self.cluster.ring is not self._ring:
+            return 0.0  # now: schedule the anti-entropy round of a ring change
+        deadline = self._next_anti_entropy
+        if self._done:
+            deadline = min(deadline, self._next_flush)
+        if self._flag and (self._flights or self._groups or self._has_log()):
+            deadline = min(deadline, self._next_ship)
+        return deadline
+
+    def holds(self) -> bool:
+        """Whether client replies must go through :meth:`hold` now."""
+        return self.sync and bool(self._flag)
+
+    def hold(self, frames: list[bytes]) -> None:
+        """A worker's reply to a client: sent once the replicas hold what it stands for.
+        The caller checked :meth:`holds`; replies to a peer's own requests (a routing
+        stack of one peer id) must not come here."""
+        if len(frames) >= 3:
+            try:
+                kind = decode_reply_kind(frames[-2])[0]
+            except ProtocolError:
+                kind = -1
+            if kind in _HELD_KINDS:
+                self._open.append(frames)
+                self.held += 1
+                return
+        self._release_frames(frames)
 
     def tick(self) -> None:
         now = self._clock()
         self._next_ship = now + _SHIP_INTERVAL
+        self._turn += 1
+        if self._done and (now >= self._next_flush or len(self._done) >= 10_000):
+            self._flush_done(now)
         alone = self.cluster.single()
         self._set_flag(not alone)
         if alone:
+            self._release_all()  # no replica to wait for
             return
         if self.cluster.ring is not self._ring:
             self._ring = self.cluster.ring
             self._next_anti_entropy = min(self._next_anti_entropy, now + 0.2)
         self._expire(now)
+        self._expire_groups(now)
+        if self._open:
+            self._group(now)
         self._ship(now)
         if now >= self._next_anti_entropy:
             self._next_anti_entropy = now + self.anti_entropy_interval
@@ -204,6 +295,9 @@ class Replicator:
             "acked": self.acked,
             "rejected": self.rejected,
             "expired": self.expired,
+            "ack": self.ack if self.sync else "owner",
+            "held": self.held,
+            "hold_timeouts": self.hold_timeouts,
             "anti_entropy_rounds": self.anti_entropy_rounds,
             "repairs_sent": self.repairs_sent,
             "repairs_asked": self.repairs_asked,
@@ -220,20 +314,24 @@ class Replicator:
         groups: dict[str, list[bytes]] = {}
         hints: dict[str, str] = {}
         finished: list[tuple[bytes, bytes]] = []
-        taken = 0
+        taken: list[tuple[bytes, bytes, str]] = []
         for key, stamp in self._read_log():
             agent_id = key.decode(errors="replace")
             if agent_id in self._flights:
                 continue
-            if taken >= self.batch:
+            if len(taken) >= self.batch:
                 break
-            taken += 1
-            state = self.store.load_state(agent_id)
+            taken.append((key, stamp, agent_id))
+        if not taken:
+            return
+        states = self.store.load_states([agent_id for _, _, agent_id in taken])
+        for key, stamp, agent_id in taken:
+            state = states.get(agent_id)
             targets = self._targets(agent_id)
             if state is None or not targets:
                 finished.append((key, stamp))  # nothing to ship, or no one to ship to
                 continue
-            flight = self._flights[agent_id] = _Flight(stamp, now + self.timeout)
+            flight = self._flights[agent_id] = _Flight(stamp, now + self.timeout, self._turn)
             for target in targets:
                 corr = next(self._ids)
                 flight.waiting.add(corr)
@@ -246,8 +344,12 @@ class Replicator:
             if self.cluster.forward(target, frames):
                 self.shipped += len(entries)
         self._delete(finished)
+        for key, stamp in finished:
+            self._covered(key.decode(errors="replace"), stamp, self._turn)
 
     def _on_result(self, corr: int, status: int) -> None:
+        """One answer of a replica; a flight answered by every target is done: its log
+        entry is deleted at the next flush if unchanged (:meth:`_flush_done`)."""
         agent_id = self._corrs.pop(corr, None)
         if agent_id is None:
             return  # a late answer to an expired flight
@@ -263,7 +365,8 @@ class Replicator:
         if not flight.waiting:
             del self._flights[agent_id]
             self.acked += 1
-            self._delete([(agent_id.encode(), flight.stamp)])
+            self._done[agent_id.encode()] = flight.stamp
+            self._covered(agent_id, flight.stamp, flight.turn)
 
     def _expire(self, now: float) -> None:
         late = [a for a, f in self._flights.items() if f.deadline <= now]
@@ -272,6 +375,78 @@ class Replicator:
             for corr in flight.waiting:
                 self._corrs.pop(corr, None)
             self.expired += 1
+
+    # --- held replies -----------------------------------------------------------------------
+
+    def _group(self, now: float) -> None:
+        """Close the open replies into a group waiting for everything logged now."""
+        replies, self._open = self._open, []
+        waits = {key.decode(errors="replace"): stamp for key, stamp in self._read_log()}
+        group = _Group(replies, self._turn, now + self.hold_timeout, waits)
+        if not waits:
+            self._release(group)
+            return
+        self._groups.append(group)
+        for agent_id in waits:
+            self._waiting.setdefault(agent_id, []).append(group)
+
+    def _covered(self, agent_id: str, stamp: bytes, turn: int) -> None:
+        """A shipment of ``agent_id`` read at ``turn`` with ``stamp`` reached every replica
+        (or needed none): the groups it covers stop waiting for that agent."""
+        groups = self._waiting.pop(agent_id, None)
+        if not groups:
+            return
+        still = []
+        for group in groups:
+            if group.done:
+                continue
+            if group.waits[agent_id] == stamp or turn >= group.turn:
+                del group.waits[agent_id]
+                if not group.waits:
+                    self._release(group)
+            else:
+                still.append(group)
+        if still:
+            self._waiting[agent_id] = still
+
+    def _release(self, group: _Group) -> None:
+        group.done = True
+        self.held -= len(group.replies)
+        for frames in group.replies:
+            self._release_frames(frames)
+
+    def _release_frames(self, frames: list[bytes]) -> None:
+        if self._send is not None:
+            self._send(frames)
+
+    def _release_all(self) -> None:
+        for group in self._groups:
+            if not group.done:
+                self._release(group)
+        self._groups.clear()
+        self._waiting.clear()
+        open_, self._open = self._open, []
+        self.held -= len(open_)
+        for frames in open_:
+            self._release_frames(frames)
+
+    def _expire_groups(self, now: float) -> None:
+        groups = self._groups
+        while groups and (groups[0].done or groups[0].deadline <= now):
+            group = groups.popleft()
+            if group.done:
+                continue
+            group.done = True
+            self.held -= len(group.replies)
+            self.hold_timeouts += len(group.replies)
+            log.warning(
+                "%d replies waited %.1f s for the replicas of %d agents; answered UNAVAILABLE",
+                len(group.replies), self.hold_timeout, len(group.waits),
+            )  # fmt: skip
+            for frames in group.replies:
+                self._release_frames(_unavailable(frames))
+        if not groups:
+            self._waiting.clear()
 
     # --- anti-entropy ---------------------------------------------------------------------
 
@@ -330,7 +505,16 @@ class Replicator:
             log.error("cannot log %d agents for replication: %s", len(agent_ids), exc)
 
     def _read_log(self) -> Iterator[tuple[bytes, bytes]]:
-        return self.store.iter_items("repl")
+        """The logged (agent id, stamp) entries not yet replicated."""
+        done = self._done
+        for key, stamp in self.store.iter_items("repl"):
+            if done.get(key) != stamp:
+                yield key, stamp
+
+    def _flush_done(self, now: float) -> None:
+        self._next_flush = now + _FLUSH_INTERVAL
+        done, self._done = self._done, {}
+        self._delete(list(done.items()))
 
     def _has_log(self) -> bool:
         return next(iter(self._read_log()), None) is not None
@@ -345,3 +529,20 @@ class Replicator:
             self.store.delete_if("repl", items)
         except StoreError as exc:
             log.error("cannot clear %d replication log entries: %s", len(items), exc)
+
+
+def _unavailable(frames: list[bytes]) -> list[bytes]:
+    """A held reply turned into UNAVAILABLE errors for each answer that was ok (the
+    write is committed on its owner, not known to be on its replicas)."""
+    try:
+        kind, corr, status = decode_reply_kind(frames[-2])
+        items = reply_items(kind, corr, status, frames[-1])
+    except ProtocolError:
+        return frames
+    code = int(ErrorCode.UNAVAILABLE)
+    body = pack(
+        error_payload(code, "the write was committed on its owner but its replicas did "
+                      "not confirm it in time (replication_timeout)")
+    )  # fmt: skip
+    answers = [(c, st, b) if st != 0 else (c, code, body) for c, st, b in items]
+    return [*frames[:-2], encode_reply_kind(REPLY_BATCH, 0), encode_reply_batch(answers)]

@@ -22,9 +22,14 @@ def test_cluster_bench_runs_every_scenario_and_every_check_passes(
     code = bench.main(["--quick", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["ok"], report["checks"]
-    assert report["checks"] == {"wrong_answers": 0, "consistent_via_other_node": True}
+    assert report["checks"] == {
+        "wrong_answers": 0,
+        "consistent_via_other_node": True,
+        "replicated": True,
+    }
+    assert report["replication_of_b"]["ack"] == "replicas"
     figures = report["figures"]
-    for name in ("raw_rt100", "asks_local", "asks_cross", "latency_cross"):
+    for name in ("raw_rt100", "asks_local", "asks_cross", "reads_cross", "latency_cross"):
         assert figures[name]["rate"] > 0, name
     assert 0 < figures["latency_cross"]["p50_us"] <= figures["latency_cross"]["p99_us"]
     assert report["forwarded"] > 0

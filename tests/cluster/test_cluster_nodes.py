@@ -21,7 +21,7 @@ from phoenix_node.errors import BadRequestError
 from ..conftest import REPO_ROOT, kill_pids
 
 StartNode = Callable[..., Node]
-AGENTS = ["bench.agents:Tally"]
+AGENTS = ["bench.agents:Tally", "bench.agents:Journal"]
 # Fast failure detection for tests: probes every 0.1 s, down 0.4 s after a suspicion.
 CLUSTER = {"workers": 1, "agents": AGENTS, "entry_points": False, "probe_interval": 0.1}
 
@@ -46,10 +46,11 @@ def all_up(nodes: list[Node]) -> bool:
 
 
 def start_cluster(start_node: StartNode, n: int, **settings: Any) -> list[Node]:
-    first = start_node(**CLUSTER, **settings)
+    settings = {**CLUSTER, **settings}
+    first = start_node(**settings)
     nodes = [first]
     for _ in range(n - 1):
-        nodes.append(start_node(**CLUSTER, seeds=[first.endpoint], **settings))
+        nodes.append(start_node(seeds=[first.endpoint], **settings))
     wait_for(lambda: all_up(nodes), 15, f"{n} nodes to see each other up")
     return nodes
 
