@@ -64,6 +64,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -238,6 +239,9 @@ class Replicator:
         if self.cluster.ring is not self._ring:
             self._ring = self.cluster.ring
             self._next_anti_entropy = min(self._next_anti_entropy, now + 0.2)
+            # The targets changed: a flight to a node now gone would hold its replies
+            # until it times out. Ship every one again, now, to the new targets.
+            self._expire(math.inf, count=False)
         self._expire(now)
         self._expire_groups(now)
         if self._open:
@@ -368,13 +372,14 @@ class Replicator:
             self._done[agent_id.encode()] = flight.stamp
             self._covered(agent_id, flight.stamp, flight.turn)
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float, count: bool = True) -> None:
         late = [a for a, f in self._flights.items() if f.deadline <= now]
         for agent_id in late:
             flight = self._flights.pop(agent_id)
             for corr in flight.waiting:
                 self._corrs.pop(corr, None)
-            self.expired += 1
+        if count:
+            self.expired += len(late)
 
     # --- held replies -----------------------------------------------------------------------
 

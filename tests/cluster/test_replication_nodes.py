@@ -12,10 +12,19 @@ from typing import Any
 import pytest
 
 from phoenix_node import Node
-from phoenix_node.cluster.ring import Ring
+from phoenix_node.cluster.ring import Ring, moved
+from phoenix_node.state.store import Store
 
 from ..conftest import kill_pids
-from .test_cluster_nodes import StartNode, all_up, node_pids, start_cluster, states, wait_for
+from .test_cluster_nodes import (
+    CLUSTER,
+    StartNode,
+    all_up,
+    node_pids,
+    start_cluster,
+    states,
+    wait_for,
+)
 
 FAST = {"anti_entropy_interval": 1.0}
 
@@ -24,6 +33,11 @@ def replication(node: Node) -> dict[str, Any]:
     with node.client(timeout=5) as c:
         status: dict[str, Any] = c.cluster_status()["replication"]
         return status
+
+
+def alive(node: Node) -> set[str]:
+    """The addresses ``node`` holds in its ring (up, suspect, leaving)."""
+    return {a for a, s in states(node).items() if s in ("up", "suspect", "leaving")}
 
 
 def settled(nodes: list[Node]) -> bool:
@@ -154,35 +168,48 @@ def test_every_write_acknowledged_before_a_kill_9_during_writes_survives(
         assert all(f"r{r}" in p for p in present for r in after)
 
 
-@pytest.mark.timeout(150)
-def test_a_partition_with_writes_on_both_sides_converges_after_the_heal(
+def local_state(node: Node, agent_id: str) -> bytes | None:
+    """The state record of ``agent_id`` in the node's own store (no routing)."""
+    with Store(os.path.join(node.data, "lmdb"), durability="buffered") as store:
+        return store.load_state(agent_id)
+
+
+@pytest.mark.timeout(180)
+def test_a_3_2_partition_with_writes_on_both_sides_converges_after_the_heal(
     start_node: StartNode,
 ) -> None:
-    nodes = start_cluster(start_node, 3, fault_injection=True, **FAST)
-    a, b, c = nodes
+    nodes = start_cluster(start_node, 5, fault_injection=True, **FAST)
+    major, minor = nodes[:3], nodes[3:]
     keys = [f"Tally/split{i}" for i in range(60)]
-    with a.client() as ca, b.client() as cb, c.client() as cc:
-        ca.tell_many([(k, "inc", {}) for k in keys], delivery="at_least_once")
-        ca.flush(timeout=30)
+    clients = {n.endpoint: n.client() for n in nodes}
+    try:
+        first = clients[major[0].endpoint]
+        first.tell_many([(k, "inc", {}) for k in keys], delivery="at_least_once")
+        first.flush(timeout=30)
         wait_for(lambda: settled(nodes), 20, "the first writes to reach every replica")
-        ca.inject_faults(partition=[c.endpoint])
-        cb.inject_faults(partition=[c.endpoint])
-        cc.inject_faults(partition=[a.endpoint, b.endpoint])
-        wait_for(lambda: states(a).get(c.endpoint) == "down", 15, "A to see C down")
-        wait_for(lambda: states(c).get(a.endpoint) == "down", 15, "C to see A down")
-        wait_for(lambda: states(b).get(c.endpoint) == "down", 15, "B to see C down")
-        wait_for(lambda: states(c).get(b.endpoint) == "down", 15, "C to see B down")
-        # Each side takes writes to every key: two on the {A, B} side, three on C's.
-        for _ in range(2):
-            cb.tell_many([(k, "inc", {}) for k in keys], delivery="at_least_once")
-        cb.flush(timeout=30)
-        for _ in range(3):
-            cc.tell_many([(k, "inc", {}) for k in keys], delivery="at_least_once")
-        cc.flush(timeout=30)
-        seen = counts(a, keys), counts(c, keys)
-        assert seen == ([3] * len(keys), [4] * len(keys)), seen
+        for side, other in ((major, minor), (minor, major)):
+            for n in side:
+                clients[n.endpoint].inject_faults(partition=[o.endpoint for o in other])
+        for side, other in ((major, minor), (minor, major)):
+            for n in side:
+                wait_for(
+                    lambda n=n, other=other: all(  # type: ignore[misc]
+                        states(n).get(o.endpoint) == "down" for o in other
+                    ),
+                    20,
+                    f"{n.endpoint} to see the other side down",
+                )
+        # Each side takes writes to every key: two on the majority, three on the minority
+        # (which activates there the agents whose every copy is on the other side).
+        for side, times in ((major, 2), (minor, 3)):
+            client = clients[side[1].endpoint]
+            for _ in range(times):
+                client.tell_many([(k, "inc", {}) for k in keys], delivery="at_least_once")
+            client.flush(timeout=30)
+        assert counts(major[2], keys) == [3] * len(keys)  # every key has a copy there
+        assert all(n >= 3 for n in counts(minor[0], keys))  # and its own three writes
         t0 = time.monotonic()
-        for client in (ca, cb, cc):
+        for client in clients.values():
             client.inject_faults()  # heal
         wait_for(lambda: all_up(nodes), 30, "the healed cluster to be all up")
         want = [6] * len(keys)  # 1 before + 2 on one side + 3 on the other: none lost
@@ -193,9 +220,64 @@ def test_a_partition_with_writes_on_both_sides_converges_after_the_heal(
         )
         converged = time.monotonic() - t0
         wait_for(lambda: settled(nodes), 20, "the replicas to settle")
+    finally:
+        for client in clients.values():
+            client.close()
     print(f"\nstate converged on every node {converged:.2f} s after the heal")
-    # Every replica holds the merged state, not only the owners: read each node's own copy.
+    # Every replica holds the same merged state, not only the owners: read each copy.
     ring = Ring(dict.fromkeys((n.endpoint for n in nodes), 1.0))
-    assert all(len(ring.preference(k, 3)) == 3 for k in keys)
+    by_endpoint = {n.endpoint: n for n in nodes}
+    for key in keys:
+        copies = {local_state(by_endpoint[e], key) for e in ring.preference(key, 3)}
+        assert len(copies) == 1 and None not in copies, key
     for node in nodes:
         assert replication(node)["rejected"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_joining_node_takes_about_a_quarter_and_a_leaving_one_loses_nothing(
+    start_node: StartNode,
+) -> None:
+    """3 nodes hold 400 agents; a 4th joins: the agents whose owner changed (about 1/4)
+    are served by it with their state, none lost; then it leaves gracefully (SIGTERM):
+    still none lost, and the others take writes for its agents."""
+    nodes = start_cluster(start_node, 3, **FAST)
+    keys = [f"Tally/j{i}" for i in range(400)]
+    with nodes[0].client(timeout=10) as c:
+        for _ in range(2):
+            c.tell_many([(k, "inc", {}) for k in keys], delivery="at_least_once")
+        c.flush(timeout=30)
+    wait_for(lambda: settled(nodes), 20, "the writes to reach every replica")
+    before = Ring(dict.fromkeys((n.endpoint for n in nodes), 1.0))
+    joiner = start_node(**{**CLUSTER, **FAST}, seeds=[nodes[1].endpoint])
+    four = [*nodes, joiner]
+    wait_for(lambda: all_up(four), 20, "the 4th node to be up everywhere")
+    after = Ring(dict.fromkeys((n.endpoint for n in four), 1.0))
+    taken = [k for k in keys if after.owner(k) == joiner.endpoint]
+    share = moved(before, after, keys)
+    print(f"\nshare of agents moved when a 4th node joined 3: {share:.3f} (ideal 0.25)")
+    assert 0.15 < share < 0.35 and len(taken) == round(share * len(keys))
+    # The joiner got the state of what it now owns (anti-entropy after the ring change).
+    wait_for(
+        lambda: all(local_state(joiner, k) is not None for k in taken),
+        20,
+        "the joiner to hold the state of the agents it owns",
+    )
+    for node in four:
+        assert counts(node, keys) == [2] * len(keys), f"via {node.endpoint}"
+    with joiner.client(timeout=10) as c:  # writes to the agents it owns now
+        c.tell_many([(k, "inc", {}) for k in taken], delivery="at_least_once")
+        c.flush(timeout=30)
+    assert joiner.stop(timeout=30) == 0  # graceful: leaves the cluster, then exits
+    wait_for(
+        lambda: all(joiner.endpoint not in alive(n) for n in nodes),
+        20,
+        "the others to drop the leaver from the ring",
+    )
+    want = [3 if k in set(taken) else 2 for k in keys]
+    for node in nodes:
+        assert counts(node, keys) == want, f"via {node.endpoint}"
+    with nodes[2].client(timeout=10) as c:
+        c.tell_many([(k, "inc", {}) for k in taken], delivery="at_least_once")
+        c.flush(timeout=30)
+    assert counts(nodes[0], taken) == [4] * len(taken)

@@ -218,3 +218,19 @@ def test_owner_acks_never_hold(store: Store) -> None:
     rep = Replicator(store, cluster, replicas=1, ack="owner", clock=clock)  # type: ignore[arg-type]
     rep.tick()
     assert not rep.holds() and rep.status()["ack"] == "owner"
+
+
+def test_a_ring_change_ships_the_flights_again_to_the_new_targets(store: Store) -> None:
+    rep, cluster, _, released = make(store)
+    commit(store, "Tally/a", b"\x91\x01", b"s1")
+    rep.hold(reply(5))
+    rep.tick()
+    assert [p for p, _, _ in shipped(cluster)] == [PEER]  # PEER never answers
+    other = "tcp://127.0.0.1:3"
+    cluster.ring = Ring({ME: 1.0, other: 1.0})  # PEER is gone, another node took its place
+    rep.tick()
+    ships = shipped(cluster)
+    assert [(p, a) for p, _, a in ships] == [(other, "Tally/a")]
+    answer(rep, [ships[0][1]])
+    assert released == [reply(5)]
+    assert rep.status()["expired"] == 0  # shipped again by choice, not timed out
