@@ -45,17 +45,21 @@ from ipc.protocol import (
     ErrorCode,
     ProtocolError,
     decode_header,
+    encode_batch_header,
+    encode_entry,
     encode_reply,
     encode_reply_batch,
     encode_reply_kind,
+    join_entries,
     pack,
     split_envelope,
     unpack,
 )
-from workers.host import error_payload
+from workers.host import MERGE_ACTION, error_payload
 from workers.placement import owner_index
 from workers.process import WorkerExit
 
+from .cluster.handoff import FETCH_ACTION, Handoff
 from .cluster.membership import NodeId, SwimConfig
 from .cluster.replication import DIGEST_ACTION, Replicator
 from .cluster.service import PEER_PREFIX, ClusterService
@@ -147,6 +151,7 @@ class _Control:
         self.cluster = self._start_cluster(ctx, poller)
         self.store: Store | None = None
         self.replicator: Replicator | None = None
+        self.handoff: Handoff | None = None
         if spec.store_path:
             self.store = Store(spec.store_path, durability=spec.durability)  # type: ignore[arg-type]
             self.replicator = Replicator(
@@ -155,6 +160,9 @@ class _Control:
                 ack=spec.replication_ack, hold_timeout=spec.replication_timeout,
                 send=self._send,
             )  # fmt: skip
+            self.handoff = Handoff(
+                self.store, self.cluster, replicas=spec.replicas, merge_local=self._merge_local
+            )
         for i in range(spec.workers):
             back = make_dealer(ctx, immediate=False)
             back.connect(worker_ipc_endpoint(spec.node_id, i))
@@ -213,6 +221,11 @@ class _Control:
             if now >= replicator.next_deadline():
                 replicator.tick()
             deadline = min(deadline, replicator.next_deadline())
+        handoff = self.handoff
+        if handoff is not None:
+            if now >= handoff.next_deadline():
+                handoff.tick()
+            deadline = min(deadline, handoff.next_deadline())
         wake = min(self.next_beat, deadline)
         events = dict(poller.poll(max(1, int((wake - time.monotonic()) * 1000) + 1)))
         if spec.parent_fd in events:
@@ -276,6 +289,8 @@ class _Control:
             self._cluster_admin(stack, corr, _action, payload)
         elif kind == ADMIN and _action == DIGEST_ACTION and from_peer:
             self._digests(stack, corr, payload)
+        elif kind == ADMIN and _action == FETCH_ACTION and from_peer:
+            self._fetch(stack, corr, payload)
         elif not from_peer and not self.cluster.single() and kind in (ASK, TELL, BATCH):
             self._route(frames, stack, kind, corr, agent_id, payload)
         elif kind in (SUBSCRIBE, UNSUBSCRIBE) and b"phoenixagent" not in header:
@@ -287,8 +302,50 @@ class _Control:
                 except zmq.Again:
                     pass
             self.forwarded += 1
+        elif kind in (ASK, TELL, BATCH):
+            self._serve(frames, stack, kind, corr, agent_id, payload)
         else:
             self._local(frames, stack, kind, corr, agent_id)
+
+    def _serve(
+        self, frames: list[bytes], stack: list[bytes], kind: int, corr: int, key: str,
+        payload: bytes, subjects: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        """A request this node serves: to its worker, once the handoff holds the state of
+        every agent it names (only checked for a while after a ring change)."""
+        handoff = self.handoff
+        if handoff is not None and handoff.active():
+            if subjects is None:
+                subjects = [key] if kind != BATCH else _batch_subjects(payload)
+            if subjects and handoff.hold(
+                subjects, lambda: self._local(frames, stack, kind, corr, key)
+            ):
+                return
+        self._local(frames, stack, kind, corr, key)
+
+    def _merge_local(self, states: list[tuple[str, bytes]]) -> None:
+        """States fetched by the handoff, merged into the owning workers (no replies)."""
+        per_worker: dict[int, list[bytes]] = {}
+        for agent_id, state in states:
+            entry = encode_entry(TELL, 0, agent_id, MERGE_ACTION, 0, None, state)
+            per_worker.setdefault(owner_index(agent_id, self.spec.workers), []).append(entry)
+        for index, entries in per_worker.items():
+            frames = [b"", encode_batch_header(None, states[0][0]), join_entries(entries)]
+            try:
+                self.backs[index].send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("worker %d refused %d handed-off states", index, len(entries))
+
+    def _fetch(self, stack: list[bytes], corr: int, payload: bytes) -> None:
+        if self.handoff is None:
+            self._unavailable(stack, corr, "this node keeps no agent state")
+            return
+        try:
+            found = self.handoff.on_fetch(payload)
+        except ProtocolError as exc:
+            self._bad_frame(stack, ErrorCode.BAD_REQUEST, corr, str(exc))
+            return
+        self._send([*stack, b"", encode_reply(corr, 0), pack(found)])
 
     def _local(
         self, frames: list[bytes], stack: list[bytes], kind: int, corr: int, key: str
@@ -319,7 +376,7 @@ class _Control:
         if kind != BATCH:
             owner = cluster.owner(key)
             if owner is None:
-                self._local(frames, stack, kind, corr, key)
+                self._serve(frames, stack, kind, corr, key, payload)
             elif not cluster.forward(owner, frames) and kind != TELL:
                 self._unavailable(stack, corr, f"the owning node {owner} is not reachable")
             return
@@ -336,13 +393,13 @@ class _Control:
             self._local(frames, stack, kind, corr, key)  # the worker answers the errors
             return
         if len(groups) == 1 and None in groups:
-            self._local(frames, stack, kind, corr, key)
+            self._serve(frames, stack, kind, corr, key, payload, _subjects(groups[None]))
             return
         head = frames[: len(stack) + 2]
         for owner, group in groups.items():
             part = [*head, pack(group)]
             if owner is None:
-                self._local(part, stack, kind, corr, key)
+                self._serve(part, stack, kind, corr, key, b"", _subjects(group))
             elif not cluster.forward(owner, part):
                 self._unreachable_batch(stack, group, owner)
 
@@ -391,7 +448,11 @@ class _Control:
                 return
             if drop:
                 continue
-            if peer is not None and frames and frames[0] == b"":
+            if frames and frames[0] == b"":  # answers to this process's own requests
+                if peer is None:
+                    continue  # a worker's, to a handed-off merge
+                if self.handoff is not None and self.handoff.on_reply(frames):
+                    continue
                 if replicator is not None:
                     replicator.on_reply(peer, frames)
                 continue
@@ -443,6 +504,8 @@ class _Control:
         status = self.cluster.status()
         if self.replicator is not None:
             status["replication"] = self.replicator.status()
+        if self.handoff is not None:
+            status["handoff"] = self.handoff.status()
         return status
 
     def _topology(self) -> dict[str, Any]:
@@ -478,3 +541,20 @@ class _Control:
             pass
         except BrokenPipeError:
             self.stopping = True
+
+
+def _subjects(entries: list[Any]) -> list[str]:
+    """The agents a BATCH's entries are for, replication's own merges left out."""
+    return [
+        e[2]
+        for e in entries
+        if isinstance(e, list) and len(e) == 7 and isinstance(e[2], str) and e[3] != MERGE_ACTION
+    ]
+
+
+def _batch_subjects(payload: bytes) -> list[str]:
+    try:
+        entries = unpack(payload)
+    except ProtocolError:
+        return []  # the worker answers the errors
+    return _subjects(entries) if isinstance(entries, list) else []

@@ -254,6 +254,11 @@ def test_a_joining_node_takes_about_a_quarter_and_a_leaving_one_loses_nothing(
     wait_for(lambda: all_up(four), 20, "the 4th node to be up everywhere")
     after = Ring(dict.fromkeys((n.endpoint for n in four), 1.0))
     taken = [k for k in keys if after.owner(k) == joiner.endpoint]
+    # At once: the joiner serves what it now owns only with the state fetched (handoff).
+    assert counts(joiner, taken) == [2] * len(taken)
+    with joiner.client(timeout=5) as c:
+        handoff = c.cluster_status()["handoff"]
+    assert handoff["fetched"] >= len(taken) and handoff["timeouts"] == 0, handoff
     share = moved(before, after, keys)
     print(f"\nshare of agents moved when a 4th node joined 3: {share:.3f} (ideal 0.25)")
     assert 0.15 < share < 0.35 and len(taken) == round(share * len(keys))
