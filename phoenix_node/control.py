@@ -12,7 +12,10 @@ that binds the public ``listen`` endpoint). It answers
   (the one extra hop such clients pay).
 
 It heartbeats to the supervisor like a worker, and exits when the supervisor
-is gone. Later issues give it the cluster duties (membership, gossip).
+is gone. In a cluster it also runs the node's cluster duties (``cluster/``):
+membership and the ring (:class:`ClusterService`), routing to the owning node,
+replication and anti-entropy (:class:`Replicator`, which holds client replies
+until the replicas hold their writes) and handoff (:class:`Handoff`).
 """
 
 from __future__ import annotations
