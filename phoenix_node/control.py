@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -291,9 +292,11 @@ class _Control:
         elif kind == ADMIN and _action.startswith("cluster."):
             self._cluster_admin(stack, corr, _action, payload)
         elif kind == ADMIN and _action == DIGEST_ACTION and from_peer:
-            self._digests(stack, corr, payload)
+            rep = self.replicator
+            self._replica_admin(stack, corr, payload, None if rep is None else rep.on_digests)
         elif kind == ADMIN and _action == FETCH_ACTION and from_peer:
-            self._fetch(stack, corr, payload)
+            handoff = self.handoff
+            self._replica_admin(stack, corr, payload, None if handoff is None else handoff.on_fetch)
         elif not from_peer and not self.cluster.single() and kind in (ASK, TELL, BATCH):
             self._route(frames, stack, kind, corr, agent_id, payload)
         elif kind in (SUBSCRIBE, UNSUBSCRIBE) and b"phoenixagent" not in header:
@@ -338,17 +341,6 @@ class _Control:
                 self.backs[index].send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("worker %d refused %d handed-off states", index, len(entries))
-
-    def _fetch(self, stack: list[bytes], corr: int, payload: bytes) -> None:
-        if self.handoff is None:
-            self._unavailable(stack, corr, "this node keeps no agent state")
-            return
-        try:
-            found = self.handoff.on_fetch(payload)
-        except ProtocolError as exc:
-            self._bad_frame(stack, ErrorCode.BAD_REQUEST, corr, str(exc))
-            return
-        self._send([*stack, b"", encode_reply(corr, 0), pack(found)])
 
     def _local(
         self, frames: list[bytes], stack: list[bytes], kind: int, corr: int, key: str
@@ -468,16 +460,20 @@ class _Control:
                 continue
             self._send(frames)
 
-    def _digests(self, stack: list[bytes], corr: int, payload: bytes) -> None:
-        if self.replicator is None:
-            self._unavailable(stack, corr, "this node does not replicate")
+    def _replica_admin(
+        self, stack: list[bytes], corr: int, payload: bytes, handler: Callable[[bytes], Any] | None
+    ) -> None:
+        """A peer's replica operation (state digests, a state fetch), answered here from
+        the store; UNAVAILABLE on a node that keeps no agent state."""
+        if handler is None:
+            self._unavailable(stack, corr, "this node keeps no agent state")
             return
         try:
-            differ = self.replicator.on_digests(payload)
+            result = handler(payload)
         except ProtocolError as exc:
             self._bad_frame(stack, ErrorCode.BAD_REQUEST, corr, str(exc))
             return
-        self._send([*stack, b"", encode_reply(corr, 0), pack(differ)])
+        self._send([*stack, b"", encode_reply(corr, 0), pack(result)])
 
     def _answer(self, stack: list[bytes], corr: int, body: dict[str, Any]) -> None:
         self._send([*stack, b"", encode_reply(corr, 0), pack(body)])
