@@ -240,7 +240,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"asks to agents of the node asked       {f['asks_local']['rate']:>10,.0f} /s  "
         f"{r['asks_local']:.3f} of raw",
         f"asks to agents of the other node       {f['asks_cross']['rate']:>10,.0f} /s  "
-        f"{r['asks_cross']:.3f} of raw (writes, replicated before the answer)",
+        f"{r['asks_cross']:.3f} of raw (writes, see replication_ack above)",
         f"reads of agents of the other node      {f['reads_cross']['rate']:>10,.0f} /s  "
         f"{r['reads_cross']:.3f} of raw (the cross-node hop alone)",
         f"cross-node ask latency, one at a time  p50 {f['latency_cross']['p50_us']:,.0f} us, "
