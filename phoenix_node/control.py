@@ -315,14 +315,17 @@ class _Control:
 
     def _serve(
         self, frames: list[bytes], stack: list[bytes], kind: int, corr: int, key: str,
-        payload: bytes, subjects: list[str] | None = None,
+        payload: bytes, entries: list[Any] | None = None,
     ) -> None:  # fmt: skip
         """A request this node serves: to its worker, once the handoff holds the state of
-        every agent it names (only checked for a while after a ring change)."""
+        every agent it names (only checked for a while after a ring change; ``entries``:
+        a BATCH's, when the caller decoded them already)."""
         handoff = self.handoff
         if handoff is not None and handoff.active():
-            if subjects is None:
-                subjects = [key] if kind != BATCH else _batch_subjects(payload)
+            if kind != BATCH:
+                subjects = [key]
+            else:
+                subjects = _subjects(_batch_entries(payload) if entries is None else entries)
             if subjects and handoff.hold(
                 subjects, lambda: self._local(frames, stack, kind, corr, key)
             ):
@@ -336,7 +339,8 @@ class _Control:
             entry = encode_entry(TELL, 0, agent_id, MERGE_ACTION, 0, None, state)
             per_worker.setdefault(owner_index(agent_id, self.spec.workers), []).append(entry)
         for index, entries in per_worker.items():
-            frames = [b"", encode_batch_header(None, states[0][0]), join_entries(entries)]
+            hint = next(a for a, _ in states if owner_index(a, self.spec.workers) == index)
+            frames = [b"", encode_batch_header(None, hint), join_entries(entries)]
             try:
                 self.backs[index].send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
@@ -388,13 +392,13 @@ class _Control:
             self._local(frames, stack, kind, corr, key)  # the worker answers the errors
             return
         if len(groups) == 1 and None in groups:
-            self._serve(frames, stack, kind, corr, key, payload, _subjects(groups[None]))
+            self._serve(frames, stack, kind, corr, key, payload, groups[None])
             return
         head = frames[: len(stack) + 2]
         for owner, group in groups.items():
             part = [*head, pack(group)]
             if owner is None:
-                self._serve(part, stack, kind, corr, key, b"", _subjects(group))
+                self._serve(part, stack, kind, corr, key, b"", group)
             elif not cluster.forward(owner, part):
                 self._unreachable_batch(stack, group, owner)
 
@@ -551,9 +555,9 @@ def _subjects(entries: list[Any]) -> list[str]:
     ]
 
 
-def _batch_subjects(payload: bytes) -> list[str]:
+def _batch_entries(payload: bytes) -> list[Any]:
     try:
         entries = unpack(payload)
     except ProtocolError:
         return []  # the worker answers the errors
-    return _subjects(entries) if isinstance(entries, list) else []
+    return entries if isinstance(entries, list) else []

@@ -70,7 +70,7 @@ class _Fetch:
 
     agents: list[str]
     deadline: float
-    peers: set[int] = field(default_factory=set)  # corr ids not answered
+    waiting: set[int] = field(default_factory=set)  # corr ids of holders not answered yet
     states: list[tuple[str, bytes]] = field(default_factory=list)
 
 
@@ -156,13 +156,13 @@ class Handoff:
         fetch = self._corrs.pop(corr, None) if kind == REPLY else None
         if fetch is None:
             return corr >= _CORR_BASE  # a late answer to a fetch given up: drop it
-        fetch.peers.discard(corr)
+        fetch.waiting.discard(corr)
         if status == 0:
             try:
                 fetch.states.extend(_states(unpack(payload), set(fetch.agents)))
             except ProtocolError as exc:
                 log.warning("bad fetch answer: %s", exc)
-        if not fetch.peers:
+        if not fetch.waiting:
             self._done(fetch)
         return True
 
@@ -175,9 +175,9 @@ class Handoff:
         now = self._clock()
         late = {id(f): f for f in self._corrs.values() if f.deadline <= now}
         for fetch in late.values():
-            for corr in fetch.peers:
+            for corr in fetch.waiting:
                 self._corrs.pop(corr, None)
-            fetch.peers.clear()
+            fetch.waiting.clear()
             self.timeouts += 1
             log.warning("no answer to a handoff fetch of %d agents in time", len(fetch.agents))
             self._done(fetch)
@@ -239,10 +239,10 @@ class Handoff:
                     corr = next(self._ids)
                     frames = [b"", encode_request(ADMIN, corr, "", FETCH_ACTION), pack(chunk)]
                     if self.cluster.forward(peer, frames):
-                        fetch.peers.add(corr)
+                        fetch.waiting.add(corr)
                         self._corrs[corr] = fetch
                         self.fetches += 1
-                if not fetch.peers:
+                if not fetch.waiting:
                     self._done(fetch)  # no holder alive or reachable: serve as is
 
     def _done(self, fetch: _Fetch) -> None:

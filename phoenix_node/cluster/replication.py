@@ -195,7 +195,8 @@ class Replicator:
 
     def next_deadline(self) -> float:
         """When :meth:`tick` has work: now while changes wait, else the next anti-entropy."""
-        if self._open or self._flag is not (not self.cluster.single()):
+        logging_wanted = not self.cluster.single()
+        if self._open or self._flag is not logging_wanted:
             return 0.0  # now: held replies are grouped and shipped; the log switched
         if self.cluster.ring is not self._ring:
             return 0.0  # now: schedule the anti-entropy round of a ring change
