@@ -61,7 +61,7 @@ from ipc.protocol import (
 )
 from workers.host import MERGE_ACTION, error_payload
 from workers.placement import owner_index
-from workers.process import WorkerExit
+from workers.process import BootError, WorkerExit, run_child
 
 from .cluster.handoff import FETCH_ACTION, Handoff
 from .cluster.membership import NodeId, SwimConfig
@@ -100,20 +100,10 @@ class ControlSpec:
 
 def run_control(spec: ControlSpec) -> NoReturn:
     """Entry point in the forked child; never returns."""
-    code = WorkerExit.CRASHED
-    try:
-        code = _Control(spec).run()
-    except _BindError as exc:
-        log.error("control process cannot bind %s: %s", spec.listen, exc)
-        code = WorkerExit.BOOT_ERROR
-    except BaseException:
-        log.exception("control process crashed")
-    finally:
-        logging.shutdown()
-    os._exit(int(code))
+    run_child("control process", lambda: _Control(spec).run())
 
 
-class _BindError(Exception):
+class _BindError(BootError):
     pass
 
 
@@ -147,7 +137,7 @@ class _Control:
         except zmq.ZMQError as exc:
             self.front.close(0)
             ctx.term()
-            raise _BindError(str(exc)) from exc
+            raise _BindError(f"cannot bind {spec.listen}: {exc}") from exc
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backs = []
         poller = zmq.Poller()

@@ -41,6 +41,7 @@ import random
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -93,7 +94,7 @@ from .placement import owner_index
 from .ratelimit import RateLimit
 from .topics import check_pattern, check_topic
 
-__all__ = ["WorkerExit", "WorkerSpec", "run_worker"]
+__all__ = ["BootError", "WorkerExit", "WorkerSpec", "run_child", "run_worker"]
 
 log = logging.getLogger("phoenix.worker")
 
@@ -134,20 +135,30 @@ class WorkerSpec:
 
 def run_worker(spec: WorkerSpec) -> NoReturn:
     """Entry point in the forked child; never returns."""
+    run_child(f"worker {spec.index}", lambda: _Worker(spec).run())
+
+
+class BootError(Exception):
+    """A forked child cannot start (store, sockets, settings): it exits BOOT_ERROR."""
+
+
+def run_child(name: str, run: Callable[[], WorkerExit]) -> NoReturn:
+    """Run a forked child's main loop and exit the process with its WorkerExit code
+    (BOOT_ERROR for a :class:`BootError`, CRASHED for anything else raised)."""
     code = WorkerExit.CRASHED
     try:
-        code = _Worker(spec).run()
-    except _BootError as exc:
-        log.error("worker %d failed to start: %s", spec.index, exc)
+        code = run()
+    except BootError as exc:
+        log.error("%s failed to start: %s", name, exc)
         code = WorkerExit.BOOT_ERROR
     except BaseException:
-        log.exception("worker %d crashed", spec.index)
+        log.exception("%s crashed", name)
     finally:
         logging.shutdown()
     os._exit(int(code))
 
 
-class _BootError(Exception):
+class _BootError(BootError):
     pass
 
 
