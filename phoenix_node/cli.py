@@ -1,4 +1,5 @@
-"""The ``phoenix-node`` command line: run, status, tell, ask, demo."""
+"""The ``phoenix-node`` command line: run, status, leave, migrate, unpin, placement,
+tell, ask, demo."""
 
 from __future__ import annotations
 
@@ -42,6 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     leave.add_argument("--endpoint", default=default_endpoint, help="node endpoint")
     leave.add_argument("--timeout", type=float, default=5.0)
 
+    migrate = sub.add_parser(
+        "migrate",
+        help="move a live agent to another node of the cluster (it stays placed there)",
+    )
+    migrate.add_argument("agent", help='agent id, "<Type>/<key>"')
+    migrate.add_argument("node", help="the target node's address, as `status` lists it")
+    for name, text in (
+        ("unpin", "remove an agent's placement: it moves to the node the ring gives it"),
+        ("placement", "show where the cluster places an agent (owner, replicas)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("agent", help='agent id, "<Type>/<key>"')
+    for p in (migrate, sub.choices["unpin"], sub.choices["placement"]):
+        p.add_argument("--endpoint", default=default_endpoint, help="node endpoint")
+        p.add_argument("--timeout", type=float, default=10.0)
+
     for name, text in (
         ("tell", "send a fire-and-forget message to an agent"),
         ("ask", "call an agent's action and print its result"),
@@ -78,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _call(args)
         if args.command == "leave":
             return _leave(args)
+        if args.command in ("migrate", "unpin", "placement"):
+            return _placement_command(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -166,6 +185,38 @@ def _leave(args: argparse.Namespace) -> int:
         print(f"phoenix-node: {exc}", file=sys.stderr)
         return 1
     print(f"node {result.get('leaving')} is leaving its cluster and stopping")
+    return 0
+
+
+def _placement_command(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .errors import PhoenixError
+
+    try:
+        with Client(args.endpoint, timeout=args.timeout) as client:
+            if args.command == "migrate":
+                result = client.migrate(args.agent, args.node)
+            elif args.command == "unpin":
+                result = client.unpin(args.agent)
+            else:
+                result = client.placement(args.agent)
+    except PhoenixError as exc:
+        print(f"phoenix-node: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "placement":
+        placed = result.get("placed")
+        print(
+            f"{result['agent']}: owner {result['owner']}"
+            + (" (placed there)" if placed else " (by the ring)")
+            + f", replicas {', '.join(result['preference'][1:]) or 'none'}"
+        )
+    elif result.get("moved"):
+        print(
+            f"{result['agent']} moved from {result['from']} to {result['to']} in "
+            f"{result['seconds'] * 1000:.1f} ms ({result['buffered']} requests waited)"
+        )
+    else:
+        print(f"{result['agent']} is already on {result['to']}")
     return 0
 
 

@@ -458,6 +458,46 @@ class Client:
         result: dict[str, Any] = self._cluster_call("cluster.leave", None, timeout)
         return result
 
+    def migrate(self, agent_id: str, node: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Move the live agent ``agent_id`` to the node at address ``node`` (a member's
+        ``address`` in :meth:`cluster_status`): its state is transferred, requests that
+        arrive meanwhile wait and follow it. The agent stays placed there (pinned) until
+        :meth:`unpin`. Returns ``{"agent", "from", "to", "moved", "buffered",
+        "seconds"}``; UNAVAILABLE when the move failed (the agent stays where it was)."""
+        args = {"agent": agent_id, "node": node}
+        result: dict[str, Any] = self._cluster_call("cluster.migrate", args, timeout)
+        return result
+
+    def unpin(self, agent_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Remove the placement of ``agent_id``: it moves to the node the ring gives it."""
+        result: dict[str, Any] = self._cluster_call("cluster.unpin", {"agent": agent_id}, timeout)
+        return result
+
+    def placement(self, agent_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Where the node asked places ``agent_id``: ``{"agent", "owner", "placed" (its
+        explicit placement or None), "ring_owner", "preference" (owner, then replicas),
+        "moving"}``."""
+        result: dict[str, Any] = self._cluster_call(
+            "cluster.placement", {"agent": agent_id}, timeout
+        )
+        return result
+
+    def registry(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The node's copy of the cluster registry: ``{"placements": {agent: node},
+        "meta": {agent: {...}}}``."""
+        result: dict[str, Any] = self._cluster_call("cluster.registry", None, timeout)
+        return result
+
+    def set_meta(
+        self, agent_id: str, meta: dict[str, Any] | None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Set the metadata map of ``agent_id`` in the cluster registry (None removes it);
+        every node's copy has it within a gossip round or two."""
+        result: dict[str, Any] = self._cluster_call(
+            "cluster.meta", {"agent": agent_id, "meta": meta}, timeout
+        )
+        return result
+
     def inject_faults(
         self,
         *,
@@ -480,9 +520,10 @@ class Client:
         self._check_open()
         front = self._ensure_front()
         corr = next(self._corr)
-        self._pending[corr] = _FRONT
         header = encode_request(ADMIN, corr, "", operation, 0, None)
-        self._send(front, [b"", header, b"" if data is None else pack(data)])
+        payload = b"" if data is None else _pack_value(data)
+        self._pending[corr] = _FRONT
+        self._send(front, [b"", header, payload])
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         return self._take(corr, deadline, "", operation, unreachable=True)
 

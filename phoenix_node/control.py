@@ -65,6 +65,8 @@ from workers.process import BootError, WorkerExit, run_child
 
 from .cluster.handoff import FETCH_ACTION, Handoff
 from .cluster.membership import NodeId, SwimConfig
+from .cluster.migration import ACCEPT_ACTION, Migrator
+from .cluster.registry import REGISTRY_ACTION, Registry
 from .cluster.replication import DIGEST_ACTION, Replicator
 from .cluster.service import PEER_PREFIX, ClusterService
 from .state.store import Store
@@ -142,12 +144,14 @@ class _Control:
         self.backs = []
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
-        self.cluster = self._start_cluster(ctx, poller)
         self.store: Store | None = None
-        self.replicator: Replicator | None = None
-        self.handoff: Handoff | None = None
         if spec.store_path:
             self.store = Store(spec.store_path, durability=spec.durability)  # type: ignore[arg-type]
+        self.cluster = self._start_cluster(ctx, poller)
+        self.registry = self.cluster.registry
+        self.replicator: Replicator | None = None
+        self.handoff: Handoff | None = None
+        if self.store is not None:
             self.replicator = Replicator(
                 self.store, self.cluster, replicas=spec.replicas,
                 anti_entropy_interval=spec.anti_entropy_interval,
@@ -162,6 +166,12 @@ class _Control:
             back.connect(worker_ipc_endpoint(spec.node_id, i))
             poller.register(back, zmq.POLLIN)
             self.backs.append(back)
+        replicator = self.replicator
+        self.migrator = Migrator(
+            self.cluster.me.address, self.registry, alive=lambda: self.cluster.ring.members,
+            to_worker=self._to_worker, to_peer=self.cluster.forward,
+            replicate=None if replicator is None else replicator.log_changed,
+        )  # fmt: skip
         poller.register(spec.parent_fd, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
         self.next_beat = 0.0
@@ -194,9 +204,10 @@ class _Control:
             probe_timeout=min(0.4 * spec.probe_interval, 0.5),
             suspicion_mult=spec.suspicion_mult,
         )
+        registry = Registry(str(me), store=self.store)
         return ClusterService(
             ctx, poller, me, seeds=spec.seeds, swim=swim, vnodes=spec.vnodes,
-            fault_injection=spec.fault_injection,
+            fault_injection=spec.fault_injection, registry=registry,
         )  # fmt: skip
 
     def _step(self, poller: zmq.Poller) -> bool:
@@ -220,6 +231,13 @@ class _Control:
             if now >= handoff.next_deadline():
                 handoff.tick()
             deadline = min(deadline, handoff.next_deadline())
+        if now >= self.migrator.next_deadline():
+            self.migrator.tick()
+        registry = self.registry
+        if now >= registry.next_deadline():
+            me = self.cluster.me.address
+            registry.tick([a for a in self.cluster.ring.members if a != me], self.cluster.forward)
+        deadline = min(deadline, self.migrator.next_deadline(), registry.next_deadline())
         wake = min(self.next_beat, deadline)
         events = dict(poller.poll(max(1, int((wake - time.monotonic()) * 1000) + 1)))
         if spec.parent_fd in events:
@@ -280,7 +298,11 @@ class _Control:
         elif kind == STATUS:
             self._answer(stack, corr, self._status())
         elif kind == ADMIN and _action.startswith("cluster."):
-            self._cluster_admin(stack, corr, _action, payload)
+            self._cluster_admin(frames, stack, corr, _action, payload, from_peer)
+        elif kind == ADMIN and _action == REGISTRY_ACTION and from_peer:
+            self._replica_admin(stack, corr, payload, self.registry.on_sync)
+        elif kind == ADMIN and _action == ACCEPT_ACTION and from_peer:
+            self._accept(stack, corr, payload)
         elif kind == ADMIN and _action == DIGEST_ACTION and from_peer:
             rep = self.replicator
             self._replica_admin(stack, corr, payload, None if rep is None else rep.on_digests)
@@ -288,7 +310,18 @@ class _Control:
             handoff = self.handoff
             self._replica_admin(stack, corr, payload, None if handoff is None else handoff.on_fetch)
         elif not from_peer and not self.cluster.single() and kind in (ASK, TELL, BATCH):
-            self._route(frames, stack, kind, corr, agent_id, payload)
+            self._route(frames, stack, kind, corr, agent_id, payload, self.cluster.owner)
+        elif (
+            from_peer
+            and kind in (ASK, TELL, BATCH)
+            and self.registry.has_placements()
+            and len(stack) > 1
+            and not stack[1].startswith(PEER_PREFIX)
+        ):
+            # A client's request forwarded by a peer whose registry copy may be behind:
+            # an agent placed on another node is forwarded there (a second hop, never
+            # a third). A peer's own requests (replication: its id alone) are served.
+            self._route(frames, stack, kind, corr, agent_id, payload, self.cluster.placed_elsewhere)
         elif kind in (SUBSCRIBE, UNSUBSCRIBE) and b"phoenixagent" not in header:
             # A client's own subscription must reach every worker (any of them may
             # handle a publish); the client takes the first answer.
@@ -311,16 +344,57 @@ class _Control:
         every agent it names (only checked for a while after a ring change; ``entries``:
         a BATCH's, when the caller decoded them already)."""
         handoff = self.handoff
-        if handoff is not None and handoff.active():
+        migrator = self.migrator
+        moving = migrator.has_moves()
+        holding = handoff is not None and handoff.active()
+        if moving or holding:
             if kind != BATCH:
                 subjects = [key]
             else:
                 subjects = _subjects(_batch_entries(payload) if entries is None else entries)
-            if subjects and handoff.hold(
-                subjects, lambda: self._local(frames, stack, kind, corr, key)
+            if moving and migrator.buffer(
+                subjects,
+                lambda: self._route(
+                    frames, stack, kind, corr, key, payload, self.cluster.owner, entries
+                ),
+                lambda: self._refuse(stack, kind, corr, "the agent is moving; its buffer is full"),
+            ):
+                return
+            if (
+                holding
+                and subjects
+                and handoff.hold(  # type: ignore[union-attr]
+                    subjects, lambda: self._local(frames, stack, kind, corr, key)
+                )
             ):
                 return
         self._local(frames, stack, kind, corr, key)
+
+    def _to_worker(self, agent_id: str, frames: list[bytes]) -> bool:
+        """A request of this process's own (a migration's) to the worker of ``agent_id``."""
+        try:
+            self.backs[owner_index(agent_id, self.spec.workers)].send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def _accept(self, stack: list[bytes], corr: int, payload: bytes) -> None:
+        """A migration's source sends this node an agent's state (its new owner)."""
+        try:
+            self.migrator.on_accept(payload, self._replier(stack, corr))
+        except ProtocolError as exc:
+            self._bad_frame(stack, ErrorCode.BAD_REQUEST, corr, str(exc))
+
+    def _replier(self, stack: list[bytes], corr: int) -> Callable[[int, Any], None]:
+        """A function answering the request (``stack``, ``corr``) later: ``(0, result)``
+        or ``(error code, message)``."""
+
+        def reply(code: int, body: Any) -> None:
+            if code != 0:
+                body = error_payload(code, str(body))
+            self._send([*stack, b"", encode_reply(corr, code), pack(body)])
+
+        return reply
 
     def _merge_local(self, states: list[tuple[str, bytes]]) -> None:
         """States fetched by the handoff, merged into the owning workers (no replies)."""
@@ -352,31 +426,39 @@ class _Control:
                     "(restarting or overloaded)",
                 )  # fmt: skip
 
+    def _refuse(self, stack: list[bytes], kind: int, corr: int, message: str) -> None:
+        if kind != TELL:  # a BATCH's client resends what is not acknowledged
+            self._unavailable(stack, corr, message)
+
     def _unavailable(self, stack: list[bytes], corr: int, message: str) -> None:
         code = ErrorCode.UNAVAILABLE
         self._send([*stack, b"", encode_reply(corr, code), pack(error_payload(code, message))])
 
     def _route(
         self, frames: list[bytes], stack: list[bytes], kind: int, corr: int, key: str,
-        payload: bytes,
+        payload: bytes, owner_of: Callable[[str], str | None],
+        entries: list[Any] | None = None,
     ) -> None:  # fmt: skip
-        """A request in a cluster: served here or forwarded to the owning node (one hop)."""
+        """A request in a cluster: served here or forwarded to the node ``owner_of`` names
+        for its agent (None: this node); a BATCH split by owner. ``entries``: a BATCH's,
+        when the caller decoded them already."""
         cluster = self.cluster
         if kind != BATCH:
-            owner = cluster.owner(key)
+            owner = owner_of(key)
             if owner is None:
                 self._serve(frames, stack, kind, corr, key, payload)
             elif not cluster.forward(owner, frames) and kind != TELL:
                 self._unavailable(stack, corr, f"the owning node {owner} is not reachable")
             return
         try:
-            entries = unpack(payload)
+            if entries is None:
+                entries = unpack(payload)
             if not isinstance(entries, list):
                 raise ProtocolError("BATCH payload must be an array")
             groups: dict[str | None, list[Any]] = {}
             for entry in entries:
                 subject = entry[2] if isinstance(entry, list) and len(entry) == 7 else ""
-                owner = cluster.owner(subject) if isinstance(subject, str) and subject else None
+                owner = owner_of(subject) if isinstance(subject, str) and subject else None
                 groups.setdefault(owner, []).append(entry)
         except ProtocolError:
             self._local(frames, stack, kind, corr, key)  # the worker answers the errors
@@ -400,11 +482,26 @@ class _Control:
         if items:
             self._send([*stack, b"", encode_reply_kind(REPLY_BATCH, 0), encode_reply_batch(items)])
 
-    def _cluster_admin(self, stack: list[bytes], corr: int, action: str, payload: bytes) -> None:
+    def _cluster_admin(
+        self, frames: list[bytes], stack: list[bytes], corr: int, action: str, payload: bytes,
+        from_peer: bool,
+    ) -> None:  # fmt: skip
         code, result = 0, None
         try:
+            if action in ("cluster.migrate", "cluster.unpin"):
+                self._migrate(frames, stack, corr, action, payload, from_peer)
+                return
             if action == "cluster.status":
                 result = self._cluster_status()
+            elif action == "cluster.placement":
+                result = self._placement(_agent_arg(_args(payload)))
+            elif action == "cluster.registry":
+                result = self.registry.view()
+            elif action == "cluster.meta":
+                args = _args(payload)
+                agent_id = _agent_arg(args)
+                self.registry.set_meta(agent_id, args.get("meta"))
+                result = {"agent": agent_id, "meta": self.registry.meta(agent_id)}
             elif action == "cluster.leave":
                 # The supervisor stops the node; this process leaves on its SIGTERM.
                 result = {"leaving": str(self.cluster.me)}
@@ -416,6 +513,41 @@ class _Control:
         except (PermissionError, ValueError, TypeError, ProtocolError) as exc:
             code, result = ErrorCode.BAD_REQUEST, error_payload(ErrorCode.BAD_REQUEST, str(exc))
         self._send([*stack, b"", encode_reply(corr, code), pack(result)])
+
+    def _migrate(
+        self, frames: list[bytes], stack: list[bytes], corr: int, action: str, payload: bytes,
+        from_peer: bool,
+    ) -> None:  # fmt: skip
+        """``migrate`` / ``unpin``: run by the agent's owner; forwarded to it from
+        elsewhere (one hop; the owner answers through this node)."""
+        args = _args(payload)
+        agent_id = _agent_arg(args)
+        owner = self.cluster.owner(agent_id)
+        if owner is not None:
+            if from_peer:
+                raise ValueError(f"{agent_id} is not owned by this node; try again")
+            if not self.cluster.forward(owner, frames):
+                self._unavailable(stack, corr, f"the owning node {owner} is not reachable")
+            return
+        reply = self._replier(stack, corr)
+        if action == "cluster.unpin":
+            self.migrator.start(agent_id, self.cluster.ring.owner(agent_id), reply, unpin=True)
+            return
+        node = args.get("node")
+        if not isinstance(node, str) or not node:
+            raise ValueError("migrate needs the target node's address ('node')")
+        self.migrator.start(agent_id, node, reply)  # MigrationError: a ValueError
+
+    def _placement(self, agent_id: str) -> dict[str, Any]:
+        owner = self.cluster.owner(agent_id)
+        return {
+            "agent": agent_id,
+            "owner": self.cluster.me.address if owner is None else owner,
+            "placed": self.registry.placement(agent_id),
+            "ring_owner": self.cluster.ring.owner(agent_id),
+            "preference": self.cluster.preference(agent_id, self.spec.replicas + 1),
+            "moving": agent_id in self.migrator.status()["moving"],
+        }
 
     def _bad_frame(self, stack: list[bytes], code: int, corr: int, message: str) -> None:
         self.bad_frames += 1
@@ -439,8 +571,11 @@ class _Control:
                 continue
             if frames and frames[0] == b"":  # answers to this process's own requests
                 if peer is None:
-                    continue  # a worker's, to a handed-off merge
+                    self.migrator.on_worker_reply(frames)  # others: to a handed-off merge
+                    continue
                 if self.handoff is not None and self.handoff.on_reply(frames):
+                    continue
+                if self.migrator.on_peer_reply(frames) or self.registry.on_reply(peer, frames):
                     continue
                 if replicator is not None:
                     replicator.on_reply(peer, frames)
@@ -499,6 +634,8 @@ class _Control:
             status["replication"] = self.replicator.status()
         if self.handoff is not None:
             status["handoff"] = self.handoff.status()
+        status["registry"] = self.registry.status()
+        status["migration"] = self.migrator.status()
         return status
 
     def _topology(self) -> dict[str, Any]:
@@ -534,6 +671,20 @@ class _Control:
             pass
         except BrokenPipeError:
             self.stopping = True
+
+
+def _args(payload: bytes) -> dict[str, Any]:
+    args = unpack(payload) if payload else {}
+    if not isinstance(args, dict):
+        raise ValueError("the operation's arguments must be a map")
+    return args
+
+
+def _agent_arg(args: dict[str, Any]) -> str:
+    agent_id = args.get("agent")
+    if not isinstance(agent_id, str) or "/" not in agent_id or not agent_id.partition("/")[2]:
+        raise ValueError(f"'agent' must be an agent id '<Type>/<key>', not {agent_id!r:.80}")
+    return agent_id
 
 
 def _subjects(entries: list[Any]) -> list[str]:

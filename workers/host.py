@@ -31,13 +31,24 @@ from phoenix_node.state.store import Store, WriteBatch
 
 from .agent import Agent
 
-__all__ = ["MERGE_ACTION", "REPLICATE_KEY", "AgentContext", "AgentHost", "Outgoing"]
+__all__ = [
+    "MERGE_ACTION",
+    "RELEASE_ACTION",
+    "REPLICATE_KEY",
+    "AgentContext",
+    "AgentHost",
+    "Outgoing",
+]
 
 log = logging.getLogger("phoenix.worker")
 
 #: The reserved action that merges a replica's state record into an agent's (no user
 #: action can have this name: action names never start with "_").
 MERGE_ACTION = "_merge"
+#: The reserved action a migration sends the agent's old owner: the agent is stopped
+#: (``on_stop``) and its state record returned (None: no state yet). The reply comes
+#: after the commit that holds every earlier message's effect, like every reply.
+RELEASE_ACTION = "_release"
 #: ``meta`` key the control process sets to b"1" while the node has peers to replicate to.
 REPLICATE_KEY = b"cluster.replicate"
 _REPL_STAMP = struct.Struct(">IQ")  # pid, commit sequence: tells one logged change from another
@@ -159,6 +170,8 @@ class AgentHost:
             )
         if action == MERGE_ACTION:
             return self._merge(agent_id, cls, payload)
+        if action == RELEASE_ACTION:
+            return self._release(agent_id, cls)
         fn = cls.__phoenix_actions__.get(action)
         if fn is None:
             return self._error(
@@ -212,7 +225,8 @@ class AgentHost:
             incoming = schema.decode(payload, track_deltas=False)
         except DecodeError as exc:
             return self._error(ErrorCode.BAD_REQUEST, f"replica state: {exc}", agent_id, "_merge")
-        agent = self.active.get(agent_id)
+        # An agent stopped in this batch is not committed yet: its state is the one.
+        agent = self.active.get(agent_id) or self._touched.get(agent_id)
         if agent is not None:
             state = agent._state
         else:
@@ -241,6 +255,23 @@ class AgentHost:
             self._merged[agent_id] = state
         return OK, True
 
+    def _release(self, agent_id: str, cls: type[Agent]) -> tuple[int, Any]:
+        """Stop ``agent_id`` here and return its state record (the reserved action
+        ``_release``, sent by a migration); None when it has no state at all."""
+        if agent_id in self.active:
+            self._stop(agent_id)
+        stopped = self._touched.get(agent_id)
+        if stopped is not None:
+            return OK, stopped._state.encode()
+        merged = self._merged.get(agent_id)
+        if merged is not None:
+            return OK, merged.encode()
+        try:
+            stored = self.store.load_state(agent_id)
+        except StoreError as exc:
+            return self._error(ErrorCode.STORE_FAILED, str(exc), agent_id, RELEASE_ACTION)
+        return OK, stored
+
     def _action_failed(self, agent: Agent, action: str, exc: Exception) -> tuple[int, Any]:
         try:
             agent.on_failure(exc, action)
@@ -264,11 +295,15 @@ class AgentHost:
 
     def _activate(self, agent_id: str, cls: type[Agent]) -> Agent:
         schema = cls.__phoenix_schema__
+        stopped = self._touched.get(agent_id)
         try:
             merged = self._merged.pop(agent_id, None)  # a replica's state, not committed yet
             if merged is not None:
                 self._merged_only.add(agent_id)
-            state = merged or schema.load(self.store.load_state(agent_id), track_deltas=False)
+            if stopped is not None:  # stopped in this batch, its state not committed yet
+                state = stopped._state
+            else:
+                state = merged or schema.load(self.store.load_state(agent_id), track_deltas=False)
         except DecodeError as exc:
             raise _ActivationFailed(
                 ErrorCode.INTERNAL,

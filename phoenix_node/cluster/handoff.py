@@ -214,7 +214,7 @@ class Handoff:
         if before is None or agent_id in self._fetched:
             return False
         me = self.cluster.me.address
-        return me not in before.preference(agent_id, self.replicas + 1)
+        return me not in self.cluster.preference(agent_id, self.replicas + 1, before)
 
     def _fetch(self, agent_ids: list[str]) -> None:
         before = self._before
@@ -224,9 +224,8 @@ class Handoff:
         alive = self.cluster.ring.members
         by_peers: dict[tuple[str, ...], list[str]] = {}
         for agent_id in agent_ids:
-            holders = tuple(
-                p for p in before.preference(agent_id, self.replicas + 1) if p != me and p in alive
-            )
+            prefs = self.cluster.preference(agent_id, self.replicas + 1, before)
+            holders = tuple(p for p in prefs if p != me and p in alive)
             by_peers.setdefault(holders, []).append(agent_id)
         deadline = self._clock() + self.timeout
         for holders, ids in by_peers.items():

@@ -291,6 +291,10 @@ class Replicator:
         self.repairs_asked += len(differ)
         return differ
 
+    def log_changed(self, agent_ids: list[str]) -> None:
+        """Ship the states of ``agent_ids`` to their replicas (a migrated agent's)."""
+        self._log(agent_ids)
+
     def status(self) -> dict[str, Any]:
         return {
             "replicas": self.replicas,
@@ -312,7 +316,7 @@ class Replicator:
 
     def _targets(self, agent_id: str) -> list[str]:
         me = self.cluster.me.address
-        prefs = self.cluster.ring.preference(agent_id, self.replicas + 1)
+        prefs = self.cluster.preference(agent_id, self.replicas + 1)
         return [address for address in prefs if address != me]
 
     def _ship(self, now: float) -> None:

@@ -16,6 +16,11 @@ that process and its one loop:
   reaches the owner in at most one extra hop: the node a client talks to
   forwards it, undecoded, to the owner's control process, which serves it
   locally whatever its own view of the ring (no second hop, no loops).
+- **Placements**: the cluster-wide :class:`~.registry.Registry` may place an agent
+  on a node explicitly (a migrated or pinned agent). A placement on a live member
+  overrides the ring: that node owns the agent and its replicas are the ring's
+  preference list without it. A placement on a node that is not alive is ignored
+  (the ring decides) until the node is back.
 - **Faults** (``--fault-injection`` only): a :class:`~ipc.faults.FaultInjector`
   applied to every message to a peer, and partitions also drop what
   partitioned peers send.
@@ -50,6 +55,7 @@ from .membership import (
     Outgoing,
     SwimConfig,
 )
+from .registry import Registry
 from .ring import Ring
 
 __all__ = ["PEER_PREFIX", "ClusterService"]
@@ -73,6 +79,7 @@ class ClusterService:
         swim: SwimConfig | None = None,
         vnodes: int = 128,
         fault_injection: bool = False,
+        registry: Registry | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ctx = ctx
@@ -83,6 +90,7 @@ class ClusterService:
         self.membership = Membership(me, swim or SwimConfig(), seeds=seeds, now=clock())
         self.vnodes = vnodes
         self.ring = Ring({me.address: 1.0}, vnodes=vnodes)
+        self.registry = registry if registry is not None else Registry(str(me), clock=clock)
         self.faults = FaultInjector(rng=random.Random()) if fault_injection else None
         self._peers: dict[str, zmq.Socket[bytes]] = {}
         self._peer_of: dict[zmq.Socket[bytes], str] = {}
@@ -126,8 +134,27 @@ class ClusterService:
 
     def owner(self, key: str) -> str | None:
         """The address of the node that owns ``key``; None when it is this node."""
-        address = self.ring.owner(key)
+        address = self.registry.placement(key)
+        if address is None or address not in self.ring.members:
+            address = self.ring.owner(key)
         return None if address == self.me.address else address
+
+    def placed_elsewhere(self, key: str) -> str | None:
+        """The live node other than this one that ``key`` is explicitly placed on."""
+        address = self.registry.placement(key)
+        if address is None or address == self.me.address or address not in self.ring.members:
+            return None
+        return address
+
+    def preference(self, key: str, n: int, ring: Ring | None = None) -> list[str]:
+        """The ``n`` nodes that hold ``key`` on ``ring`` (default: the current one), owner
+        first: its placement when it is a member of that ring, then the ring's order."""
+        ring = self.ring if ring is None else ring
+        prefs = ring.preference(key, n)
+        placed = self.registry.placement(key)
+        if placed is None or placed not in ring.members or (prefs and prefs[0] == placed):
+            return prefs
+        return [placed, *[p for p in prefs if p != placed]][:n]
 
     def single(self) -> bool:
         """True while this node is the only live member (no routing needed)."""

@@ -144,6 +144,14 @@ class EntryMap(CRDT):
             return None
         return None if entry is None or entry[TOMB] else entry
 
+    def all_keys(self) -> list[Any]:
+        """The keys of every entry, removed ones (tombstones) included."""
+        return [e[KEY] for e in self._entries.values()]
+
+    def entry_count(self) -> int:
+        """Entries held, tombstones included (what the map costs, not its length)."""
+        return len(self._entries)
+
     def copy(self) -> Self:
         new = type(self)()
         new._entries = dict(self._entries)

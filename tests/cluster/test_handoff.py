@@ -25,6 +25,9 @@ class FakeCluster:
         self.ring = Ring(dict.fromkeys(members, 1.0))
         self.sent: list[tuple[str, list[bytes]]] = []
 
+    def preference(self, key: str, n: int, ring: Ring | None = None) -> list[str]:
+        return (self.ring if ring is None else ring).preference(key, n)
+
     def forward(self, address: str, frames: list[bytes]) -> bool:
         self.sent.append((address, frames))
         return True

@@ -43,6 +43,9 @@ class FakeCluster:
     def single(self) -> bool:
         return len(self.ring) <= 1
 
+    def preference(self, key: str, n: int, ring: Ring | None = None) -> list[str]:
+        return (self.ring if ring is None else ring).preference(key, n)
+
     def forward(self, address: str, frames: list[bytes]) -> bool:
         self.sent.append((address, frames))
         return True
