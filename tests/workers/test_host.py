@@ -498,3 +498,43 @@ def test_commits_log_changed_agents_for_replication_but_not_merges(
     host.handle("Probe/before", "_merge", _probe_state("other:0", 2))  # active, merge only
     assert host.commit()
     assert [k for k, _ in store.iter_items("repl")] == [b"Probe/changed"]
+
+
+# --- migration: _release -------------------------------------------------------------------
+
+
+def _hits(state: bytes | None) -> int:
+    assert state is not None
+    value: int = Probe.__phoenix_schema__.decode(state).value["hits"]
+    return value
+
+
+def test_release_stops_the_agent_and_returns_its_uncommitted_state(
+    host: AgentHost, store: Store
+) -> None:
+    ask(host, "Probe/m", "hit", n=4)  # changed in this batch, not committed yet
+    code, state = host.handle("Probe/m", "_release", b"")
+    assert code == 0 and _hits(state) == 4
+    assert "Probe/m" not in host.active  # stopped (on_stop ran)
+    # A merge or a message in the same batch sees the released state, not the store's.
+    assert host.handle("Probe/m", "_merge", _probe_state("other:0", 1)) == (0, True)
+    assert ask(host, "Probe/m", "read") == (0, 5)
+    assert host.commit()
+    assert _hits(store.load_state("Probe/m")) == 5
+
+
+def test_release_of_an_inactive_agent_returns_its_stored_state_or_none(
+    host: AgentHost, store: Store
+) -> None:
+    ask(host, "Probe/s", "hit", n=2)
+    assert host.commit()
+    host.stop_all()
+    assert host.commit()
+    code, state = host.handle("Probe/s", "_release", b"")
+    assert code == 0 and _hits(state) == 2
+    assert host.handle("Probe/never", "_release", b"") == (0, None)
+    assert host.handle("Probe/merged", "_merge", _probe_state("o:0", 3)) == (0, True)
+    code, state = host.handle("Probe/merged", "_release", b"")  # merged, not committed yet
+    assert code == 0 and _hits(state) == 3
+    code, _ = host.handle("Nope/x", "_release", b"")
+    assert code == ErrorCode.UNKNOWN_AGENT_TYPE
