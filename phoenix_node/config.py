@@ -56,6 +56,12 @@ def _endpoint(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def _ring_weight(value: float) -> float:
+    if not 0.0 < value <= 1000.0 or value != value:
+        raise ValueError(f"weight must be in (0, 1000], not {value!r}")
+    return value
+
+
 def _peer_endpoint(value: str) -> str:
     """A cluster address: tcp://host:port with a real port ('' allowed: not set)."""
     if value:
@@ -177,6 +183,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("vnodes", int, 128, "cluster: virtual nodes per node on the hash ring", minimum=1),
     Option(
+        "weight",
+        float,
+        1.0,
+        "cluster: this node's share of the ring relative to the others (2.0 = twice the "
+        "agents of a 1.0 node), announced to every node through the registry",
+        check=_ring_weight,
+    ),
+    Option(
         "probe_interval",
         float,
         0.5,
@@ -261,6 +275,7 @@ class NodeConfig:
     seeds: tuple[str, ...] = ()
     advertise: str = ""
     vnodes: int = 128
+    weight: float = 1.0
     probe_interval: float = 0.5
     suspicion_mult: float = 4.0
     replicas: int = 2

@@ -88,6 +88,7 @@ class ControlSpec:
     seeds: tuple[str, ...] = ()
     advertise: str = ""
     vnodes: int = 128
+    weight: float = 1.0
     probe_interval: float = 0.5
     suspicion_mult: float = 4.0
     fault_injection: bool = False
@@ -205,6 +206,7 @@ class _Control:
             suspicion_mult=spec.suspicion_mult,
         )
         registry = Registry(str(me), store=self.store)
+        registry.announce_weight(address, spec.weight)
         return ClusterService(
             ctx, poller, me, seeds=spec.seeds, swim=swim, vnodes=spec.vnodes,
             fault_injection=spec.fault_injection, registry=registry,

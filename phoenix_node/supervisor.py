@@ -366,6 +366,7 @@ class Supervisor:
                 seeds=cfg.seeds,
                 advertise=cfg.advertise,
                 vnodes=cfg.vnodes,
+                weight=cfg.weight,
                 probe_interval=cfg.probe_interval,
                 suspicion_mult=cfg.suspicion_mult,
                 fault_injection=cfg.fault_injection,

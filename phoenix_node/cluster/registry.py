@@ -2,8 +2,9 @@
 
 The registry is an :class:`~phoenix_node.state.LWWMap` that every node holds a
 copy of. Its keys are ``("placement", agent_id)`` (value: the address of the node
-the agent is placed on, which overrides the ring) and ``("meta", agent_id)``
-(value: a map of the agent's metadata, set by users). Each write carries a
+the agent is placed on, which overrides the ring), ``("meta", agent_id)``
+(value: a map of the agent's metadata, set by users) and ``("weight", address)``
+(value: the node's ring weight, written by the node itself at start). Each write carries a
 hybrid-logical-clock timestamp and the writing node's replica id
 (``<address>#<incarnation>``, never reused), so two copies join to the same map
 whatever the order in which they saw the writes; a removed key leaves a tombstone.
@@ -61,6 +62,7 @@ _CORR_END = 1 << 61
 _STORE_KEY = b"lww"
 PLACEMENT = "placement"
 META = "meta"
+WEIGHT = "weight"
 
 
 class RegistryError(ValueError):
@@ -86,6 +88,9 @@ class Registry:
         self._rng = rng or random.Random()
         self._map = LWWMap()
         self._placements: dict[str, str] = {}
+        self._weights: dict[str, float] = {}
+        #: called after a change of the node weights (the cluster rebuilds its ring)
+        self.on_weights: Callable[[], None] | None = None
         self._digest = b""
         self._encoded = b""
         self._ids = itertools.count(_CORR_BASE)
@@ -104,6 +109,10 @@ class Registry:
         """The node address ``agent_id`` is placed on, or None (the ring decides)."""
         return self._placements.get(agent_id)
 
+    def weight(self, address: str) -> float:
+        """The ring weight the node at ``address`` announced (1.0 if none)."""
+        return self._weights.get(address, 1.0)
+
     def has_placements(self) -> bool:
         return bool(self._placements)
 
@@ -121,7 +130,7 @@ class Registry:
             for key, value in self._map.value.items()
             if isinstance(key, tuple) and key[0] == META
         }
-        return {"placements": self.placements(), "meta": meta}
+        return {"placements": self.placements(), "meta": meta, "weights": dict(self._weights)}
 
     def digest(self) -> bytes:
         return self._digest
@@ -152,6 +161,15 @@ class Registry:
                 raise RegistryError("a placement names a node by its address")
             delta = scratch.put(self.replica, key, address)
         return delta.encode()
+
+    def announce_weight(self, address: str, weight: float) -> None:
+        """This node's ring weight (a node writes only its own, at start)."""
+        if not isinstance(weight, int | float) or not 0.0 < weight <= 1000.0:
+            raise RegistryError(f"a ring weight is in (0, 1000], not {weight!r}")
+        if self._weights.get(address) == float(weight) and (WEIGHT, address) in self._map:
+            return
+        self._map.put(self.replica, (WEIGHT, address), float(weight))
+        self._changed()
 
     def set_meta(self, agent_id: str, meta: dict[str, Any] | None) -> None:
         """Set (None: remove) the metadata map of ``agent_id``."""
@@ -307,11 +325,20 @@ class Registry:
     def _refresh(self) -> None:
         self._encoded = self._map.encode()
         self._digest = hashlib.blake2b(self._encoded, digest_size=8).digest()
-        self._placements = {
-            key[1]: value
-            for key, value in self._map.value.items()
-            if isinstance(key, tuple) and key[0] == PLACEMENT and isinstance(value, str)
-        }
+        placements: dict[str, str] = {}
+        weights: dict[str, float] = {}
+        for key, value in self._map.value.items():
+            if not _valid_key(key):
+                continue
+            if key[0] == PLACEMENT and isinstance(value, str):
+                placements[key[1]] = value
+            elif key[0] == WEIGHT and isinstance(value, float) and 0.0 < value <= 1000.0:
+                weights[key[1]] = value
+        self._placements = placements
+        if weights != self._weights:
+            self._weights = weights
+            if self.on_weights is not None:
+                self.on_weights()
 
     def _persist(self) -> None:
         if self.store is None:
@@ -348,6 +375,6 @@ def _valid_key(key: Any) -> bool:
     return (
         isinstance(key, tuple)
         and len(key) == 2
-        and key[0] in (PLACEMENT, META)
+        and key[0] in (PLACEMENT, META, WEIGHT)
         and isinstance(key[1], str)
     )

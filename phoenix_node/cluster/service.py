@@ -91,6 +91,7 @@ class ClusterService:
         self.vnodes = vnodes
         self.ring = Ring({me.address: 1.0}, vnodes=vnodes)
         self.registry = registry if registry is not None else Registry(str(me), clock=clock)
+        self.registry.on_weights = self._rebuild
         self.faults = FaultInjector(rng=random.Random()) if fault_injection else None
         self._peers: dict[str, zmq.Socket[bytes]] = {}
         self._peer_of: dict[zmq.Socket[bytes], str] = {}
@@ -212,6 +213,7 @@ class ClusterService:
                 "version": m.version,
                 "since_s": round(max(0.0, now - m.since), 3),
                 "share": round(shares.get(m.node_id.address, 0.0), 4),
+                "weight": self.registry.weight(m.node_id.address),
                 "self": m.node_id == self.me,
             }
             for m in self.membership.members()
@@ -243,7 +245,7 @@ class ClusterService:
         alive = {n.address: n for n in self.membership.alive()}
         if self.membership.state is not MemberState.REMOVED:
             alive.setdefault(self.me.address, self.me)  # joining: serve alone until up
-        members = dict.fromkeys(alive, 1.0)
+        members = {address: self.registry.weight(address) for address in alive}
         if members != dict(self.ring.members):
             self.ring = Ring(members, vnodes=self.vnodes)
         # A peer socket per member we may talk to; drop those of forgotten members.

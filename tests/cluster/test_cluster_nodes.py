@@ -239,6 +239,8 @@ def test_bad_cluster_settings_are_refused_with_a_clear_message(tmp_path: Any) ->
         ("--advertise", "ipc://@x", "tcp://HOST:PORT"),
         ("--vnodes", "0", "minimum"),
         ("--probe-interval", "0", "minimum"),
+        ("--weight", "0", "(0, 1000]"),
+        ("--weight", "nan", "(0, 1000]"),
     ):
         out = subprocess.run(
             [sys.executable, "-m", "phoenix_node", "run", "--data", str(tmp_path), flag, value],

@@ -17,7 +17,7 @@ from phoenix_node import Node
 from phoenix_node.errors import BadRequestError, InvalidRequestError, UnavailableError
 
 from ..conftest import kill_pids
-from .test_cluster_nodes import StartNode, start_cluster, wait_for
+from .test_cluster_nodes import CLUSTER, StartNode, all_up, start_cluster, wait_for
 from .test_replication_nodes import FAST, kill_node, settled
 
 
@@ -190,3 +190,26 @@ def test_a_move_the_target_cannot_take_is_aborted_and_the_agent_stays(
     with src.client(timeout=5) as c:
         migration = c.cluster_status()["migration"]
         assert migration["aborted"] == 1 and migration["moving"] == [], migration
+
+
+@pytest.mark.timeout(60)
+def test_a_node_weight_reaches_every_ring_through_the_registry(start_node: StartNode) -> None:
+    nodes = start_cluster(start_node, 2)
+    heavy = start_node(**{**CLUSTER, "seeds": [nodes[0].endpoint], "weight": 3.0})
+    nodes.append(heavy)
+    wait_for(lambda: all_up(nodes), 15, "3 nodes up")
+
+    def shares(node: Node) -> dict[str, tuple[float, float]]:
+        with node.client(timeout=5) as c:
+            members = c.cluster_status()["members"]
+        return {m["address"]: (m["weight"], m["share"]) for m in members}
+
+    for node in nodes:
+        wait_for(lambda n=node: shares(n)[heavy.endpoint][0] == 3.0, 10, "the weight")
+        seen = shares(node)
+        assert 0.5 < seen[heavy.endpoint][1] < 0.7, seen  # 3 / (1 + 1 + 3) = 0.6
+    keys = [f"Tally/w{i}" for i in range(200)]
+    with nodes[0].client(timeout=10) as c:
+        c.ask_many([(k, "inc", {}) for k in keys])
+        on_heavy = sum(c.placement(k)["owner"] == heavy.endpoint for k in keys[:60])
+    assert 25 <= on_heavy <= 48, on_heavy  # about 0.6 of 60
