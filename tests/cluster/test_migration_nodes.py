@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 from phoenix_node import Node
 from phoenix_node.errors import BadRequestError, InvalidRequestError, UnavailableError
 
-from ..conftest import kill_pids
+from ..conftest import REPO_ROOT, kill_pids
 from .test_cluster_nodes import CLUSTER, StartNode, all_up, start_cluster, wait_for
 from .test_replication_nodes import FAST, kill_node, settled
 
@@ -213,3 +215,24 @@ def test_a_node_weight_reaches_every_ring_through_the_registry(start_node: Start
         c.ask_many([(k, "inc", {}) for k in keys])
         on_heavy = sum(c.placement(k)["owner"] == heavy.endpoint for k in keys[:60])
     assert 25 <= on_heavy <= 48, on_heavy  # about 0.6 of 60
+
+
+@pytest.mark.timeout(60)
+def test_migrate_and_placement_commands(start_node: StartNode) -> None:
+    nodes = start_cluster(start_node, 2)
+    agent = "Tally/cli"
+    home = owner(nodes[0], agent)
+    other = next(n.endpoint for n in nodes if n.endpoint != home)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "phoenix_node", *args, "--endpoint", nodes[0].endpoint]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+
+    out = cli("migrate", agent, other)
+    assert out.returncode == 0 and f"moved from {home} to {other}" in out.stdout, out
+    out = cli("placement", agent)
+    assert out.returncode == 0 and f"owner {other} (placed there)" in out.stdout, out
+    out = cli("unpin", agent)
+    assert out.returncode == 0 and f"to {home}" in out.stdout, out
+    out = cli("migrate", agent, "tcp://127.0.0.1:1")
+    assert out.returncode == 1 and "not a live member" in out.stderr, out
