@@ -18,7 +18,11 @@ Then, once: **detection** ``--kills`` times a third node is started, joins, and 
 killed with SIGKILL; the time until both survivors hold it ``down`` is recorded
 (default failure-detector settings: probe every 0.5 s, suspicion x4);
 **moved_on_join** the share of 20,000 agent ids whose owner changes when a third
-node joins two (the ring, and the same check on the live members' ring).
+node joins two (the ring, and the same check on the live members' ring);
+**migration** ``--moves`` times an agent is migrated to the other node while a
+client (of node A) sends it pipelined ``inc`` asks without pause: the time each move
+takes (from the request to the answer), the requests that waited during moves, and
+the final count against the acknowledged asks (none lost, none counted twice).
 
 Every ``inc`` is a write: with ``replication_ack=replicas`` (the nodes' default,
 ``--replication-ack owner`` to compare) its answer waits until the other node,
@@ -40,6 +44,7 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -156,9 +161,57 @@ def detection(tmp: str, a: Node, b: Node, kills: int) -> dict[str, Any]:
     return {"p50_s": percentile(times, 0.5), "p99_s": percentile(times, 0.99), "samples": times}
 
 
+def migration(a: Node, b: Node, moves: int) -> dict[str, Any]:
+    """Move one agent between the nodes ``moves`` times under a stream of asks to it."""
+    agent = "Tally/migrating"
+    acked, errors = [0], [0]
+    stop = threading.Event()
+
+    def write() -> None:
+        with a.client(timeout=60) as writer:
+            while not stop.is_set():
+                for r in writer.ask_many([(agent, "inc", {})] * 50, timeout=60):
+                    if r is None:
+                        acked[0] += 1
+                    else:
+                        errors[0] += 1
+
+    thread = threading.Thread(target=write)
+    times, buffered = [], 0
+    with a.client(timeout=60) as client:
+        client.ask(agent, "get")
+        thread.start()
+        try:
+            time.sleep(0.3)
+            for _ in range(moves):
+                home = client.placement(agent)["owner"]
+                target = b.endpoint if home == a.endpoint else a.endpoint
+                t = time.perf_counter()
+                result = client.migrate(agent, target)
+                times.append(time.perf_counter() - t)
+                buffered += result["buffered"]
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            thread.join(60)
+        final = client.ask(agent, "get")
+    times.sort()
+    return {
+        "moves": moves,
+        "p50_ms": percentile(times, 0.5) * 1e3,
+        "p99_ms": percentile(times, 0.99) * 1e3,
+        "buffered": buffered,
+        "acked": acked[0],
+        "errors": errors[0],
+        "final": final,
+        "exact": final == acked[0] and errors[0] == 0,
+    }
+
+
 def run_bench(
-    seconds: float, repeat: int, kills: int, say: Any = None, ack: str = "replicas"
-) -> dict[str, Any]:
+    seconds: float, repeat: int, kills: int, say: Any = None, ack: str = "replicas",
+    moves: int = 20,
+) -> dict[str, Any]:  # fmt: skip
     say = say or (lambda _m: None)
     import tempfile
 
@@ -191,6 +244,8 @@ def run_bench(
             final = other.ask_many([(k, "get", {}) for k in local + cross], timeout=60)
             replication = other.cluster_status()["replication"]
         consistent = final == [expected[k] for k in local + cross]
+        say("migration")
+        migrate = migration(a, b, moves)
         say("detection")
         detect = detection(tmp, a, b, kills)
         three = ring.with_member("tcp://127.0.0.1:1")
@@ -217,20 +272,27 @@ def run_bench(
         },
         "detection": detect,
         "moved_on_join": moved_share,
+        "migration": migrate,
         "forwarded": forwarded,
         "replication_of_b": replication,
         "checks": {
             "wrong_answers": wrong,
             "consistent_via_other_node": consistent,
             "replicated": replication["acked"] > 0 and replication["hold_timeouts"] == 0,
+            "migration_exact": migrate["exact"],
         },
-        "ok": wrong == 0 and consistent and forwarded > 0 and replication["acked"] > 0,
+        "ok": wrong == 0
+        and consistent
+        and forwarded > 0
+        and replication["acked"] > 0
+        and migrate["exact"],
     }
 
 
 def format_table(report: dict[str, Any]) -> str:
     f, r = report["figures"], report["ratios"]
     d = report["detection"]
+    m = report["migration"]
     repl = report["replication_of_b"]
     lines = [
         "Phoenix cluster bench: 2 nodes x 1 worker on loopback (durable), medians",
@@ -249,6 +311,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"({len(d['samples'])} kills, probe 0.5 s, suspicion x4)",
         f"share of agents moved when a 3rd node joins 2: {report['moved_on_join']:.3f} "
         "(ideal 0.333)",
+        f"migrate under load ({m['moves']} moves)     p50 {m['p50_ms']:.1f} ms, "
+        f"p99 {m['p99_ms']:.1f} ms; {m['buffered']:,} requests waited; "
+        f"count {m['final']:,} = {m['acked']:,} acknowledged: {m['exact']}",
         f"checks: {report['checks']}",
     ]
     for name, t in report["targets"].items():
@@ -263,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per ask scenario")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; figures are medians")
     parser.add_argument("--kills", type=int, default=5, help="node kills timed for detection")
+    parser.add_argument("--moves", type=int, default=20, help="migrations timed under load")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
@@ -272,12 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         help="when the nodes acknowledge a write (the node option replication_ack)",
     )
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.repeat < 1 or args.kills < 1:
-        parser.error("--seconds must be > 0, --repeat and --kills >= 1")
+    if args.seconds <= 0 or args.repeat < 1 or args.kills < 1 or args.moves < 1:
+        parser.error("--seconds must be > 0, --repeat, --kills and --moves >= 1")
     if args.quick:
-        args.seconds, args.repeat, args.kills = 0.3, 1, 1
+        args.seconds, args.repeat, args.kills, args.moves = 0.3, 1, 1, 2
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    report = run_bench(args.seconds, args.repeat, args.kills, say, args.replication_ack)
+    report = run_bench(args.seconds, args.repeat, args.kills, say, args.replication_ack, args.moves)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0 if report["ok"] else 1
 

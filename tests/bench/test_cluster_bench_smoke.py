@@ -26,6 +26,7 @@ def test_cluster_bench_runs_every_scenario_and_every_check_passes(
         "wrong_answers": 0,
         "consistent_via_other_node": True,
         "replicated": True,
+        "migration_exact": True,
     }
     assert report["replication_of_b"]["ack"] == "replicas"
     figures = report["figures"]
@@ -35,3 +36,6 @@ def test_cluster_bench_runs_every_scenario_and_every_check_passes(
     assert report["forwarded"] > 0
     assert 0 < report["detection"]["p50_s"] < 30
     assert 0.2 < report["moved_on_join"] < 0.5
+    migration = report["migration"]
+    assert migration["moves"] == 2 and migration["acked"] > 0 and migration["errors"] == 0
+    assert migration["final"] == migration["acked"]
