@@ -21,7 +21,7 @@ import logging
 import os
 import struct
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -145,6 +145,12 @@ class AgentHost:
         self.replicate = False
         self._replicate_checked = -1.0
         self._merged: dict[str, AgentState] = {}  # merged into agents not active here
+        self._merged_bytes: dict[str, bytes] = {}  # their encodings, saved at the commit
+        # Committed states of agents this worker only holds replicas of, decoded, with
+        # their stored bytes: the next merge skips the load and decode (only this worker
+        # writes them, so an entry stays true; activation takes it).
+        self._replicas: OrderedDict[str, tuple[AgentState, bytes]] = OrderedDict()
+        self.replica_cache = 10_000
         self._merged_only: set[str] = set()
         self._repl_seq = 0
         self.merges = 0
@@ -229,22 +235,37 @@ class AgentHost:
         agent = self.active.get(agent_id) or self._touched.get(agent_id)
         if agent is not None:
             state = agent._state
+            before = state.encode()
+        elif agent_id in self._merged:
+            state, before = self._merged[agent_id], self._merged_bytes[agent_id]
         else:
-            state = self._merged.get(agent_id)  # type: ignore[assignment]
-            if state is None:
+            cached = self._replicas.pop(agent_id, None)
+            if cached is not None:
+                state, before = cached
+            else:
                 try:
-                    state = schema.load(self.store.load_state(agent_id), track_deltas=False)
+                    before = self.store.load_state(agent_id) or b""
+                    if before == payload:
+                        return OK, False  # the same state again (no decode needed)
+                    state = schema.load(before or None, track_deltas=False)
                 except (DecodeError, StoreError) as exc:
                     return self._error(ErrorCode.STORE_FAILED, str(exc), agent_id, "_merge")
+            if before == payload:
+                self._replicas[agent_id] = (state, before)
+                return OK, False
         was_dirty = state.dirty
-        before = state.encode()
         try:
             state.merge_in(incoming)
         except StateError as exc:
+            if agent is None and agent_id not in self._merged:
+                self._replicas.pop(agent_id, None)  # merge_in may have changed it halfway
             return self._error(ErrorCode.BAD_REQUEST, f"replica state: {exc}", agent_id, "_merge")
-        if state.encode() == before:
+        after = state.encode()
+        if after == before:
             if not was_dirty:
                 state.mark_clean()
+            if agent is None and agent_id not in self._merged:
+                self._remember_replica(agent_id, state, before)
             return OK, False
         self.merges += 1
         if agent is not None:
@@ -253,7 +274,16 @@ class AgentHost:
             self._touched[agent_id] = agent
         else:
             self._merged[agent_id] = state
+            self._merged_bytes[agent_id] = after
         return OK, True
+
+    def _remember_replica(self, agent_id: str, state: AgentState, encoded: bytes) -> None:
+        """Keep a committed replica state decoded for the next merge (LRU, bounded)."""
+        replicas = self._replicas
+        replicas[agent_id] = (state, encoded)
+        replicas.move_to_end(agent_id)
+        while len(replicas) > self.replica_cache:
+            replicas.popitem(last=False)
 
     def _release(self, agent_id: str, cls: type[Agent]) -> tuple[int, Any]:
         """Stop ``agent_id`` here and return its state record (the reserved action
@@ -265,7 +295,8 @@ class AgentHost:
             return OK, stopped._state.encode()
         merged = self._merged.get(agent_id)
         if merged is not None:
-            return OK, merged.encode()
+            return OK, self._merged_bytes[agent_id]
+        self._replicas.pop(agent_id, None)  # the agent leaves: its copy may change elsewhere
         try:
             stored = self.store.load_state(agent_id)
         except StoreError as exc:
@@ -296,14 +327,20 @@ class AgentHost:
     def _activate(self, agent_id: str, cls: type[Agent]) -> Agent:
         schema = cls.__phoenix_schema__
         stopped = self._touched.get(agent_id)
+        cached = self._replicas.pop(agent_id, None)
         try:
             merged = self._merged.pop(agent_id, None)  # a replica's state, not committed yet
             if merged is not None:
                 self._merged_only.add(agent_id)
+                self._merged_bytes.pop(agent_id, None)
             if stopped is not None:  # stopped in this batch, its state not committed yet
                 state = stopped._state
+            elif merged is not None:
+                state = merged
+            elif cached is not None:
+                state = cached[0]
             else:
-                state = merged or schema.load(self.store.load_state(agent_id), track_deltas=False)
+                state = schema.load(self.store.load_state(agent_id), track_deltas=False)
         except DecodeError as exc:
             raise _ActivationFailed(
                 ErrorCode.INTERNAL,
@@ -407,12 +444,13 @@ class AgentHost:
         dirty = [(agent_id, agent) for agent_id, agent in touched.items() if agent._state.dirty]
         touched.clear()
         merged, self._merged = self._merged, {}
+        merged_bytes, self._merged_bytes = self._merged_bytes, {}
         merged_only, self._merged_only = self._merged_only, set()
         batch = self.store.batch()
         for agent_id, agent in dirty:
             batch.save_state(agent_id, agent._state.encode())
-        for agent_id, state in merged.items():
-            batch.save_state(agent_id, state.encode())
+        for agent_id in merged:
+            batch.save_state(agent_id, merged_bytes[agent_id])
         if dirty and self._replicating():
             self._repl_seq += 1
             stamp = _REPL_STAMP.pack(os.getpid(), self._repl_seq)
@@ -433,5 +471,8 @@ class AgentHost:
             return False  # merges are lost too: their senders get no ok and send again
         for _, agent in dirty:
             agent._state.mark_clean()
+        for agent_id, state in merged.items():
+            state.mark_clean()
+            self._remember_replica(agent_id, state, merged_bytes[agent_id])
         self.commits += 1
         return True

@@ -538,3 +538,50 @@ def test_release_of_an_inactive_agent_returns_its_stored_state_or_none(
     assert code == 0 and _hits(state) == 3
     code, _ = host.handle("Nope/x", "_release", b"")
     assert code == ErrorCode.UNKNOWN_AGENT_TYPE
+
+
+def test_replica_merges_keep_the_committed_state_decoded_between_commits(
+    host: AgentHost, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[str] = []
+    load = Store.load_state
+
+    def counting(self: Store, agent_id: str) -> bytes | None:
+        loads.append(agent_id)
+        return load(self, agent_id)
+
+    monkeypatch.setattr(Store, "load_state", counting)  # Store has __slots__: the class
+    for n in (2, 5, 9):
+        assert host.handle("Probe/r", "_merge", _probe_state("other:0", n)) == (0, True)
+        assert host.commit()
+        assert _hits(load(store, "Probe/r")) == n  # each commit stores the join
+    assert host.handle("Probe/r", "_merge", _probe_state("other:0", 9)) == (0, False)
+    assert host.handle("Probe/r", "_merge", _probe_state("other:0", 3)) == (0, False)
+    assert loads == ["Probe/r"]  # loaded once, then kept decoded
+    assert ask(host, "Probe/r", "hit") == (0, 10)  # activated from the kept state
+    assert loads == ["Probe/r"]
+    assert host.commit()
+    assert _hits(load(store, "Probe/r")) == 10
+
+
+def test_the_replica_cache_is_bounded_and_a_failed_commit_forgets_its_merges(
+    host: AgentHost, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host.replica_cache = 2
+    for key in ("a", "b", "c"):
+        host.handle(f"Probe/{key}", "_merge", _probe_state("other:0", 1))
+    assert host.commit()
+    assert list(host._replicas) == ["Probe/b", "Probe/c"]  # least recently merged dropped
+    host.handle("Probe/b", "_merge", _probe_state("other:0", 4))
+
+    def fail(self: Store, batch: Any) -> None:
+        raise StoreWriteError("disk full (simulated)")
+
+    monkeypatch.setattr(Store, "commit", fail)
+    assert not host.commit()
+    monkeypatch.undo()
+    assert "Probe/b" not in host._replicas
+    assert _hits(store.load_state("Probe/b")) == 1  # the failed merge was not stored
+    assert host.handle("Probe/b", "_merge", _probe_state("other:0", 4)) == (0, True)
+    assert host.commit()
+    assert _hits(store.load_state("Probe/b")) == 4
