@@ -258,9 +258,10 @@ class Migrator:
         if found is None:
             return False
         corr, status, payload = found
-        move = self._by_corr.pop(corr, None)
+        move = self._by_corr.get(corr)
         if move is None or move.phase != "accept":
             return True  # late: the move was aborted (its placement written back)
+        del self._by_corr[corr]
         if status != 0:
             self._abort(move, f"the target refused it: {_message(payload)}")
             return True
@@ -326,7 +327,10 @@ class Migrator:
         if move.phase == "accept":
             # The target may apply the placement after all: write the old one again,
             # newer, so that every copy of the registry agrees the agent stayed here.
-            self.registry.merge(self.registry.prepare_placement(move.agent, move.before))
+            try:
+                self.registry.merge(self.registry.prepare_placement(move.agent, move.before))
+            except RegistryError as exc:
+                log.error("cannot write the placement of %s back: %s", move.agent, exc)
         self._end(move)
         log.warning("moving %s to %s failed: %s", move.agent, move.target, why)
         move.reply(

@@ -164,7 +164,11 @@ class Registry:
 
     def announce_weight(self, address: str, weight: float) -> None:
         """This node's ring weight (a node writes only its own, at start)."""
-        if not isinstance(weight, int | float) or not 0.0 < weight <= 1000.0:
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not 0.0 < weight <= 1000.0
+        ):
             raise RegistryError(f"a ring weight is in (0, 1000], not {weight!r}")
         if self._weights.get(address) == float(weight) and (WEIGHT, address) in self._map:
             return
