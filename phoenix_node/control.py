@@ -63,6 +63,7 @@ from workers.host import MERGE_ACTION, error_payload
 from workers.placement import owner_index
 from workers.process import BootError, WorkerExit, run_child
 
+from .cluster._corr import reply_corr
 from .cluster.handoff import FETCH_ACTION, Handoff
 from .cluster.membership import NodeId, SwimConfig
 from .cluster.migration import ACCEPT_ACTION, Migrator
@@ -572,15 +573,7 @@ class _Control:
             if drop:
                 continue
             if frames and frames[0] == b"":  # answers to this process's own requests
-                if peer is None:
-                    self.migrator.on_worker_reply(frames)  # others: to a handed-off merge
-                    continue
-                if self.handoff is not None and self.handoff.on_reply(frames):
-                    continue
-                if self.migrator.on_peer_reply(frames) or self.registry.on_reply(peer, frames):
-                    continue
-                if replicator is not None:
-                    replicator.on_reply(peer, frames)
+                self._own_reply(peer, frames)
                 continue
             if (
                 hold
@@ -590,6 +583,26 @@ class _Control:
                 replicator.hold(frames)  # type: ignore[union-attr]
                 continue
             self._send(frames)
+
+    def _own_reply(self, peer: str | None, frames: list[bytes]) -> None:
+        """An answer to this process's own request, to the requester whose corr id range
+        holds it (``peer``: the node that answered; None: a worker)."""
+        corr = reply_corr(frames)
+        if corr is None:
+            log.debug("unreadable answer from %s", peer or "a worker")
+        elif self.migrator.ids.owns(corr):
+            if peer is None:
+                self.migrator.on_worker_reply(frames)
+            else:
+                self.migrator.on_peer_reply(frames)
+        elif peer is None:
+            pass  # a worker's, to a handed-off merge (sent as TELLs: none expected)
+        elif self.registry.ids.owns(corr):
+            self.registry.on_reply(peer, frames)
+        elif self.handoff is not None and self.handoff.ids.owns(corr):
+            self.handoff.on_reply(frames)
+        elif self.replicator is not None:
+            self.replicator.on_reply(peer, frames)
 
     def _replica_admin(
         self, stack: list[bytes], corr: int, payload: bytes, handler: Callable[[bytes], Any] | None

@@ -23,7 +23,6 @@ the state already, so ``window`` only needs to cover a round of it.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from ipc.protocol import (
 )
 from phoenix_node.state.store import Store, StoreError
 
+from ._corr import HANDOFF, CorrIds
 from .ring import Ring
 from .service import ClusterService
 
@@ -53,7 +53,6 @@ log = logging.getLogger("phoenix.handoff")
 FETCH_ACTION = "replica.fetch"
 _MAX_FETCH = 1000  # agent ids per fetch request
 _MAX_WAITING = 100_000  # requests held at most; beyond, served without waiting
-_CORR_BASE = 1 << 62  # fetch corr ids, apart from the replicator's on the same sockets
 
 
 @dataclass
@@ -103,7 +102,7 @@ class Handoff:
         self._corrs: dict[int, _Fetch] = {}
         self._waiting: dict[str, list[_Waiter]] = {}
         self._held = 0
-        self._ids = itertools.count(_CORR_BASE)
+        self.ids = CorrIds(HANDOFF)
         self.fetches = 0  # fetch requests sent
         self.fetched = 0  # agents fetched
         self.states = 0  # states received and merged
@@ -155,7 +154,7 @@ class Handoff:
             return False
         fetch = self._corrs.pop(corr, None) if kind == REPLY else None
         if fetch is None:
-            return corr >= _CORR_BASE  # a late answer to a fetch given up: drop it
+            return self.ids.owns(corr)  # a late answer to a fetch given up: drop it
         fetch.waiting.discard(corr)
         if status == 0:
             try:
@@ -235,7 +234,7 @@ class Handoff:
                 for agent_id in chunk:
                     self._fetching[agent_id] = fetch
                 for peer in holders:
-                    corr = next(self._ids)
+                    corr = self.ids.next()
                     frames = [b"", encode_request(ADMIN, corr, "", FETCH_ACTION), pack(chunk)]
                     if self.cluster.forward(peer, frames):
                         fetch.waiting.add(corr)

@@ -43,7 +43,6 @@ ring gives it and removes its placement.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -64,6 +63,7 @@ from ipc.protocol import (
 )
 from workers.host import MERGE_ACTION, RELEASE_ACTION
 
+from ._corr import MIGRATION, CorrIds
 from .registry import Registry, RegistryError
 
 __all__ = ["ACCEPT_ACTION", "MigrationError", "Migrator"]
@@ -72,8 +72,6 @@ log = logging.getLogger("phoenix.migration")
 
 #: The ADMIN operation a migration's source sends its target with the agent's state.
 ACCEPT_ACTION = "migration.accept"
-_CORR_BASE = 1 << 61  # apart from the replicator's, the registry's and the handoff's
-_CORR_END = 1 << 62
 _MAX_BUFFERED = 100_000  # requests buffered per move at most; beyond, refused
 
 #: ``reply(status, body)``: answers the request that started the move
@@ -132,7 +130,7 @@ class Migrator:
         self._moves: dict[str, _Move] = {}  # agent id -> its move from here
         self._by_corr: dict[int, _Move] = {}
         self._accepts: dict[int, _Accept] = {}  # corr of our _merge ASK -> the accept
-        self._ids = itertools.count(_CORR_BASE)
+        self.ids = CorrIds(MIGRATION)
         self.moved = 0  # moves completed from here
         self.aborted = 0
         self.accepted = 0  # agents moved here
@@ -161,7 +159,7 @@ class Migrator:
         except RegistryError as exc:
             raise MigrationError(str(exc)) from None
         now = self._clock()
-        corr = self._next_corr()
+        corr = self.ids.next()
         move = _Move(agent_id, target, place, before, reply, now, now + self.timeout, corr)
         self._moves[agent_id] = move
         self._by_corr[corr] = move
@@ -207,7 +205,7 @@ class Migrator:
         if state is None:  # the agent has no state yet: nothing to merge
             self._accepted(accept)
             return
-        corr = self._next_corr()
+        corr = self.ids.next()
         frames = [b"", encode_request(ASK, corr, agent_id, MERGE_ACTION), state]
         if not self._to_worker(agent_id, frames):
             reply(ErrorCode.UNAVAILABLE, "the agent's worker here is not accepting messages")
@@ -243,7 +241,7 @@ class Migrator:
             self._abort(move, "its worker's release answer is unreadable")
             return True
         move.phase = "accept"
-        move.corr = self._next_corr()
+        move.corr = self.ids.next()
         self._by_corr[move.corr] = move
         move.deadline = self._clock() + self.timeout
         body = {"agent": move.agent, "state": state, "place": move.place}
@@ -347,13 +345,6 @@ class Migrator:
         for run in move.buffered:
             run()
 
-    def _next_corr(self) -> int:
-        corr = next(self._ids)
-        if corr >= _CORR_END:
-            self._ids = itertools.count(_CORR_BASE)
-            corr = next(self._ids)
-        return corr
-
 
 def _decode(frames: list[bytes]) -> tuple[int, int, bytes] | None:
     """``(corr, status, payload)`` of a reply to one of our requests, else None."""
@@ -362,7 +353,7 @@ def _decode(frames: list[bytes]) -> tuple[int, int, bytes] | None:
         kind, corr, status = decode_reply_kind(header)
     except ProtocolError:
         return None
-    if kind != REPLY or not _CORR_BASE <= corr < _CORR_END:
+    if kind != REPLY or not MIGRATION[0] <= corr < MIGRATION[1]:
         return None
     return corr, status, payload
 

@@ -28,7 +28,6 @@ last copy; newer writes of its peers win over what it had.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import random
 import time
@@ -48,6 +47,8 @@ from ipc.protocol import (
 from phoenix_node.state import LWWMap, StateError
 from phoenix_node.state.store import Store, StoreError
 
+from ._corr import REGISTRY, CorrIds
+
 __all__ = ["MAX_ENTRIES", "REGISTRY_ACTION", "Registry", "RegistryError"]
 
 log = logging.getLogger("phoenix.registry")
@@ -57,8 +58,6 @@ REGISTRY_ACTION = "registry.sync"
 #: Keys (live or removed) a registry holds at most; writes past it are refused.
 MAX_ENTRIES = 100_000
 MAX_META_BYTES = 64 * 1024
-_CORR_BASE = 1 << 60  # sync corr ids, apart from the replicator's and the handoff's
-_CORR_END = 1 << 61
 _STORE_KEY = b"lww"
 PLACEMENT = "placement"
 META = "meta"
@@ -93,7 +92,7 @@ class Registry:
         self.on_weights: Callable[[], None] | None = None
         self._digest = b""
         self._encoded = b""
-        self._ids = itertools.count(_CORR_BASE)
+        self.ids = CorrIds(REGISTRY)
         self._corrs: dict[int, str] = {}  # corr of a sync -> peer address
         self._push_all = False  # a change not pushed to every peer yet
         self._push_to: set[str] = set()  # peers whose copy differs from ours
@@ -281,7 +280,7 @@ class Registry:
             kind, corr, status = decode_reply_kind(header)
         except ProtocolError:
             return False
-        if not _CORR_BASE <= corr < _CORR_END:
+        if not self.ids.owns(corr):
             return False
         self._corrs.pop(corr, None)
         if kind != REPLY or status != 0:
@@ -305,10 +304,7 @@ class Registry:
     def _sync(
         self, peer: str, send: Callable[[str, list[bytes]], bool], *, with_copy: bool
     ) -> None:
-        corr = next(self._ids)
-        if corr >= _CORR_END:
-            self._ids = itertools.count(_CORR_BASE)
-            corr = next(self._ids)
+        corr = self.ids.next()
         body = {"digest": self._digest, "copy": self._encoded if with_copy else None}
         frames = [b"", encode_request(ADMIN, corr, "", REGISTRY_ACTION), pack(body)]
         if send(peer, frames):

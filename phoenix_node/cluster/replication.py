@@ -95,6 +95,7 @@ from ipc.protocol import (
 from phoenix_node.state.store import Store, StoreError
 from workers.host import MERGE_ACTION, REPLICATE_KEY, error_payload
 
+from ._corr import REPLICATOR, CorrIds
 from .service import ClusterService
 
 __all__ = ["ACKS_REPLICAS", "DIGEST_ACTION", "Replicator", "state_digest"]
@@ -169,7 +170,7 @@ class Replicator:
         self._flights: dict[str, _Flight] = {}
         self._corrs: dict[int, str] = {}  # corr of a _merge ASK -> agent id
         self._digest_corrs: dict[int, str] = {}  # corr of a digest ADMIN -> peer address
-        self._ids = itertools.count(1)
+        self.ids = CorrIds(REPLICATOR)
         self._ring = cluster.ring
         self._next_anti_entropy = clock() + anti_entropy_interval
         self._next_ship = 0.0
@@ -342,7 +343,7 @@ class Replicator:
                 continue
             flight = self._flights[agent_id] = _Flight(stamp, now + self.timeout, self._turn)
             for target in targets:
-                corr = next(self._ids)
+                corr = self.ids.next()
                 flight.waiting.add(corr)
                 self._corrs[corr] = agent_id
                 entry = encode_entry(ASK, corr, agent_id, MERGE_ACTION, 0, None, state)
@@ -470,7 +471,7 @@ class Replicator:
                 per_peer.setdefault(target, []).append([agent_id, digest])
         for peer, items in per_peer.items():
             for i in range(0, len(items), _DIGESTS_PER_MESSAGE):
-                corr = next(self._ids)
+                corr = self.ids.next()
                 self._digest_corrs[corr] = peer
                 header = encode_request(ADMIN, corr, "", DIGEST_ACTION)
                 payload = pack(items[i : i + _DIGESTS_PER_MESSAGE])
@@ -506,7 +507,7 @@ class Replicator:
         if not agent_ids:
             return
         batch = self.store.batch()
-        stamp = b"ae%d" % next(self._ids)
+        stamp = b"ae%d" % self.ids.next()
         for agent_id in agent_ids:
             batch.put("repl", agent_id.encode(), stamp)
         try:
