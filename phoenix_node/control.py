@@ -20,6 +20,7 @@ until the replicas hold their writes) and handoff (:class:`Handoff`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -32,7 +33,7 @@ from typing import Any, NoReturn
 import orjson
 import zmq
 
-from ipc import bindable, make_dealer, make_router, worker_ipc_endpoint
+from ipc import bindable, control_ipc_endpoint, make_dealer, make_router, worker_ipc_endpoint
 from ipc.protocol import (
     ADMIN,
     ASK,
@@ -54,6 +55,7 @@ from ipc.protocol import (
     encode_reply,
     encode_reply_batch,
     encode_reply_kind,
+    encode_request,
     join_entries,
     pack,
     split_envelope,
@@ -70,11 +72,14 @@ from .cluster.migration import ACCEPT_ACTION, Migrator
 from .cluster.registry import REGISTRY_ACTION, Registry
 from .cluster.replication import DIGEST_ACTION, Replicator
 from .cluster.service import PEER_PREFIX, ClusterService
+from .cluster.view import ViewPublisher
 from .state.store import Store
 
 __all__ = ["ControlSpec", "run_control"]
 
 log = logging.getLogger("phoenix.control")
+#: Tells a worker to read the node view now (no answer).
+_VIEW_NOTICE = [b"", encode_request(ADMIN, 0, "", "view"), b""]
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,13 @@ class _Control:
             ctx.term()
             raise _BindError(f"cannot bind {spec.listen}: {exc}") from exc
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            # The node's workers send their agents' messages for other nodes here.
+            self.front.bind(control_ipc_endpoint(spec.node_id))
+        except zmq.ZMQError as exc:
+            self.front.close(0)
+            ctx.term()
+            raise _BindError(f"cannot bind the node's control socket: {exc}") from exc
         self.backs = []
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
@@ -151,6 +163,9 @@ class _Control:
             self.store = Store(spec.store_path, durability=spec.durability)  # type: ignore[arg-type]
         self.cluster = self._start_cluster(ctx, poller)
         self.registry = self.cluster.registry
+        self.view: ViewPublisher | None = None
+        if self.store is not None:
+            self.view = ViewPublisher(self.store, self.cluster.me.address)
         self.replicator: Replicator | None = None
         self.handoff: Handoff | None = None
         if self.store is not None:
@@ -241,6 +256,10 @@ class _Control:
             me = self.cluster.me.address
             registry.tick([a for a in self.cluster.ring.members if a != me], self.cluster.forward)
         deadline = min(deadline, self.migrator.next_deadline(), registry.next_deadline())
+        if self.view is not None and self.view.publish(self.cluster.ring, registry.placement_map):
+            for back in self.backs:  # read it now, not at the workers' next check
+                with contextlib.suppress(zmq.Again):
+                    back.send_multipart(_VIEW_NOTICE, zmq.NOBLOCK)
         wake = min(self.next_beat, deadline)
         events = dict(poller.poll(max(1, int((wake - time.monotonic()) * 1000) + 1)))
         if spec.parent_fd in events:

@@ -488,6 +488,7 @@ class Supervisor:
                     "bad_frames": s.beat.get("bad_frames", 0),
                     "dropped_replies": s.beat.get("dropped_replies", 0),
                     "forwarded": s.beat.get("forwarded", 0),
+                    "messaging": s.beat.get("messaging", {}),
                     "uptime": round(now - s.started_at, 1) if s.pid else 0.0,
                     "last_exit": s.last_exit or None,
                 }

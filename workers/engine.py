@@ -75,7 +75,7 @@ from .placement import owner_index
 from .ratelimit import BucketTable, RateLimit, TokenBucket
 from .topics import TopicTable
 
-__all__ = ["Engine", "Msg", "Output"]
+__all__ = ["OTHER_NODE", "Engine", "Msg", "Output"]
 
 log = logging.getLogger("phoenix.worker")
 
@@ -84,6 +84,9 @@ _SUB_PREFIX = b"sub/"
 _CAUSAL_PREFIX = b"causal/"
 _SUBS_VERSION = b"subs-version"
 _MAX_QUEUED_KEYS = 1_000_000
+#: The destination "another node": sent to the node's control process, which routes
+#: it to the owning node like a client's request.
+OTHER_NODE = -1
 
 
 class Msg:
@@ -155,7 +158,8 @@ class Output:
     acks: dict[Route, list[int]]
     #: route -> number of that sender's messages consumed (a CREDIT frame each)
     credits: dict[Route, int]
-    #: worker index -> encoded BATCH entries for that worker
+    #: worker index (or OTHER_NODE: through the control process) -> encoded BATCH
+    #: entries for that worker
     remote: dict[int, list[bytes]]
     #: client route -> [(subscription id, EVENT payload)]
     events: dict[Route, list[tuple[int, bytes]]]
@@ -211,6 +215,9 @@ class Engine:
         self.outbox.load()
         self.dedup = DedupLog(store, b"w%d" % index, window=dedup_window)
         self.sender_limits = BucketTable(sender_limit, clock=clock) if sender_limit else None
+        #: True for an agent owned by another node (set while the node is in a cluster:
+        #: see :mod:`phoenix_node.cluster.view`); None: every agent is this node's.
+        self.elsewhere: Callable[[str], bool] | None = None
         self.mailboxes: dict[str, Mailbox[Msg]] = {}
         self.ready: dict[str, None] = {}  # agents with queued messages, in turn order
         self.buckets: dict[str, TokenBucket] = {}
@@ -237,7 +244,7 @@ class Engine:
         self._next_corr = 0
         self.stats: dict[str, int] = defaultdict(int)
         for counter in ("refused", "duplicates", "redirected", "published", "fanout",
-                        "outbox_full", "resends_dropped"):  # fmt: skip
+                        "outbox_full", "resends_dropped", "to_other_nodes"):  # fmt: skip
             self.stats[counter] = 0
         self._resume_spilled()
         self.load_subscriptions()
@@ -332,9 +339,17 @@ class Engine:
                 self._new_mailbox(agent_id)
                 self.ready[agent_id] = None
 
+    def _dest(self, agent_id: str) -> int:
+        """The worker of this node that owns ``agent_id``, or :data:`OTHER_NODE`."""
+        elsewhere = self.elsewhere
+        if elsewhere is not None and elsewhere(agent_id):
+            return OTHER_NODE
+        return owner_index(agent_id, self.workers)
+
     def _route(self, msg: Msg) -> None:
-        """Deliver here or send to the owning worker (redirects, agents' messages)."""
-        owner = owner_index(msg.subject, self.workers)
+        """Deliver here or send to the owning worker or node (redirects, agents'
+        messages)."""
+        owner = self._dest(msg.subject)
         if owner == self.index:
             self._enqueue(msg)
             return
@@ -562,7 +577,7 @@ class Engine:
         kind: int = TELL,
     ) -> None:
         msg_id = self.outbox.next_id()
-        owner = owner_index(agent_id, self.workers)
+        owner = self._dest(agent_id)
         entry = encode_entry(kind, msg_id, agent_id, action, delivery, attrs, payload)
         try:
             # Sent now (it leaves after this iteration's commit, like every send); the
@@ -590,9 +605,11 @@ class Engine:
         """Outbox entries due for a (re)send: to other workers, or queued here."""
         for entry in self.outbox.due():
             owner = int(entry.dest)
-            if owner >= self.workers:  # the node restarted with fewer workers
+            if owner < 0 or owner >= self.workers or self.elsewhere is not None:
+                # Routed again: the node restarted with fewer workers, or the agent's
+                # node may have changed since the first send.
                 kind, corr, subject, *_ = unpack(entry.data)
-                owner = owner_index(subject, self.workers)
+                owner = self._dest(subject)
             if owner == self.index:
                 if entry.msg_id in self._local_queued:
                     # Still in a mailbox here: it runs (and is acked) once. Not counted as

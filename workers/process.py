@@ -48,7 +48,7 @@ from typing import Any, NoReturn
 import orjson
 import zmq
 
-from ipc import bindable, make_dealer, make_router, worker_ipc_endpoint
+from ipc import bindable, control_ipc_endpoint, make_dealer, make_router, worker_ipc_endpoint
 from ipc.cloudevents import check_attrs, decompress_payload
 from ipc.protocol import (
     ACKS,
@@ -82,11 +82,12 @@ from ipc.protocol import (
     split_envelope,
     unpack,
 )
+from phoenix_node.cluster.view import CHECK_INTERVAL, NodeView
 from phoenix_node.state import StateError
-from phoenix_node.state.store import Store
+from phoenix_node.state.store import Store, StoreError
 
 from .agent import Agent, check_action_name, check_agent_id_arg
-from .engine import Engine, Msg, Output
+from .engine import OTHER_NODE, Engine, Msg, Output
 from .gossip import Gossip, Rumor
 from .host import OK, AgentHost, error_payload
 from .mailbox import MailboxPolicy
@@ -171,6 +172,8 @@ class _Worker:
         self.forwarded = 0
         self._peers: dict[int, zmq.Socket[bytes]] = {}
         self._fwd: dict[tuple[int, tuple[bytes, ...]], list[bytes]] = defaultdict(list)
+        self.view: NodeView | None = None
+        self._view_version: bytes | None = None
 
     # --- boot --------------------------------------------------------------------------
 
@@ -234,6 +237,7 @@ class _Worker:
         next_beat = 0.0
         next_passivate = time.monotonic() + spec.passivate_interval
         next_sweep = time.monotonic() + 10.0
+        next_view = 0.0
         try:
             while True:
                 now = time.monotonic()
@@ -246,7 +250,7 @@ class _Worker:
                     next_passivate = now + spec.passivate_interval
                 if self.draining:
                     return self._drain()
-                wake = min(next_beat, next_passivate, next_sweep)
+                wake = min(next_beat, next_passivate, next_sweep, next_view)
                 pending = self._pending_work()
                 if pending is not None:
                     wake = min(wake, now + pending)
@@ -267,6 +271,9 @@ class _Worker:
                             self._from_peer(sock)
                 if not ran and (self.engine.ready or self.engine.outbox.pending):
                     self._run_engine()
+                if now >= next_view:
+                    self._check_view()
+                    next_view = now + CHECK_INTERVAL
                 if now >= next_sweep:
                     self.engine.sweep_dedup()
                     # anti-entropy for a subscription change whose gossip was lost
@@ -274,6 +281,21 @@ class _Worker:
                     next_sweep = now + 10.0
         finally:
             self._close()
+
+    def _check_view(self) -> None:
+        """Read the node view the control process published, when it changed: while
+        the node is in a cluster, agents' messages to other nodes' agents go there."""
+        try:
+            version, view = NodeView.load(self.store, self._view_version)
+        except StoreError as exc:
+            log.warning("worker %d: cannot read the node view: %s", self.spec.index, exc)
+            return
+        if version == self._view_version:
+            return
+        self._view_version = version
+        self.view = view
+        clustered = view is not None and view.clustered()
+        self.engine.elsewhere = view.elsewhere if clustered else None  # type: ignore[union-attr]
 
     def _run_batch(self) -> None:
         """Read up to batch_size messages, run them, commit once, then answer."""
@@ -449,6 +471,9 @@ class _Worker:
         if action == "gossip":
             self._on_rumor(payload)
             return  # from another worker: no answer
+        if action == "view":
+            self._check_view()  # the control process published a new node view
+            return
         if action == "dead_letters":
             result = [
                 {"id": d.msg_id, "dest": d.dest, "attempts": d.attempts, "reason": d.reason,
@@ -486,6 +511,8 @@ class _Worker:
         for route, n in out.credits.items():
             send([*route, b"", encode_reply_kind(CREDIT, n), b""])
         for owner, entries in out.remote.items():
+            if owner == OTHER_NODE:
+                self.engine.stats["to_other_nodes"] += len(entries)
             self._send_peer(owner, [b"", _BATCH_HEADER, join_entries(entries)])
         for route, events in out.events.items():
             for sub_id, body in events:
@@ -524,10 +551,15 @@ class _Worker:
         fwd.clear()
 
     def _peer(self, owner: int) -> zmq.Socket[bytes]:
+        """The DEALER to worker ``owner`` of this node, or (OTHER_NODE) to the node's
+        control process, which routes to other nodes."""
         peer = self._peers.get(owner)
         if peer is None:
             peer = make_dealer(self.ctx, immediate=False)
-            peer.connect(worker_ipc_endpoint(self.spec.node_id, owner))
+            if owner == OTHER_NODE:
+                peer.connect(control_ipc_endpoint(self.spec.node_id))
+            else:
+                peer.connect(worker_ipc_endpoint(self.spec.node_id, owner))
             self.poller.register(peer, zmq.POLLIN)
             self._peers[owner] = peer
         return peer
@@ -623,6 +655,7 @@ class _Worker:
             "outbox": engine.outbox.pending,
             "dead_lettered": engine.outbox.statistics()["dead_total"],
             "subscriptions": len(engine.topics),
+            "view_nodes": 0 if self.view is None else len(self.view.ring),
             **engine.stats,
         }
 

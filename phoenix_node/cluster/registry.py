@@ -31,7 +31,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ipc.protocol import (
@@ -117,6 +117,12 @@ class Registry:
 
     def placements(self) -> dict[str, str]:
         return dict(self._placements)
+
+    @property
+    def placement_map(self) -> Mapping[str, str]:
+        """The placements, not copied: a new mapping after each change (so an unchanged
+        one is recognised by identity)."""
+        return self._placements
 
     def meta(self, agent_id: str) -> dict[str, Any] | None:
         value = self._map.get((META, agent_id))
