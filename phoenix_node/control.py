@@ -72,6 +72,7 @@ from .cluster.migration import ACCEPT_ACTION, Migrator
 from .cluster.registry import REGISTRY_ACTION, Registry
 from .cluster.replication import DIGEST_ACTION, Replicator
 from .cluster.service import PEER_PREFIX, ClusterService
+from .cluster.subscriptions import SubscriptionSync
 from .cluster.view import ViewPublisher
 from .state.store import Store
 
@@ -164,8 +165,10 @@ class _Control:
         self.cluster = self._start_cluster(ctx, poller)
         self.registry = self.cluster.registry
         self.view: ViewPublisher | None = None
+        self.subs: SubscriptionSync | None = None
         if self.store is not None:
             self.view = ViewPublisher(self.store, self.cluster.me.address)
+            self.subs = SubscriptionSync(self.store, self.registry)
         self.replicator: Replicator | None = None
         self.handoff: Handoff | None = None
         if self.store is not None:
@@ -256,6 +259,11 @@ class _Control:
             me = self.cluster.me.address
             registry.tick([a for a in self.cluster.ring.members if a != me], self.cluster.forward)
         deadline = min(deadline, self.migrator.next_deadline(), registry.next_deadline())
+        subs = self.subs
+        if subs is not None:
+            if now >= subs.next_deadline():
+                subs.tick()
+            deadline = min(deadline, subs.next_deadline())
         if self.view is not None and self.view.publish(self.cluster.ring, registry.placement_map):
             for back in self.backs:  # read it now, not at the workers' next check
                 with contextlib.suppress(zmq.Again):
@@ -670,6 +678,8 @@ class _Control:
             status["handoff"] = self.handoff.status()
         status["registry"] = self.registry.status()
         status["migration"] = self.migrator.status()
+        if self.subs is not None:
+            status["subscriptions"] = self.subs.status()
         return status
 
     def _topology(self) -> dict[str, Any]:

@@ -75,14 +75,27 @@ from .placement import owner_index
 from .ratelimit import BucketTable, RateLimit, TokenBucket
 from .topics import TopicTable
 
-__all__ = ["OTHER_NODE", "Engine", "Msg", "Output"]
+__all__ = [
+    "OTHER_NODE",
+    "SUBS_VERSION",
+    "SUB_PREFIX",
+    "Engine",
+    "Msg",
+    "Output",
+    "subscription_key",
+]
 
 log = logging.getLogger("phoenix.worker")
 
 Route = tuple[bytes, ...]
-_SUB_PREFIX = b"sub/"
+#: The node's agent subscriptions: ``registry`` db records under this prefix (key:
+#: :func:`subscription_key`, value: ``[pattern, agent, action, delivery]``); every
+#: change writes a new random token under :data:`SUBS_VERSION` (workers reload).
+SUB_PREFIX = b"sub/"
+_SUB_PREFIX = SUB_PREFIX
 _CAUSAL_PREFIX = b"causal/"
-_SUBS_VERSION = b"subs-version"
+SUBS_VERSION = b"subs-version"
+_SUBS_VERSION = SUBS_VERSION
 _MAX_QUEUED_KEYS = 1_000_000
 #: The destination "another node": sent to the node's control process, which routes
 #: it to the owning node like a client's request.
@@ -696,14 +709,14 @@ class Engine:
         self._remove_agent_sub(pattern, agent_id)
 
     def _add_agent_sub(self, pattern: str, agent_id: str, action: str, delivery: int) -> None:
-        key = _sub_key(pattern, agent_id)
+        key = subscription_key(pattern, agent_id)
         self._sub_writes[key] = pack([pattern, agent_id, action, delivery])
         self.topics.remove(pattern, agent_id)
         self.topics.add(pattern, agent_id, _AgentSub(pattern, agent_id, action, delivery))
         self._subs_changed = True
 
     def _remove_agent_sub(self, pattern: str, agent_id: str) -> None:
-        self._sub_writes[_sub_key(pattern, agent_id)] = None
+        self._sub_writes[subscription_key(pattern, agent_id)] = None
         self.topics.remove(pattern, agent_id)
         self._subs_changed = True
 
@@ -822,7 +835,8 @@ class Engine:
         self.unsubscribe_client(route)
 
 
-def _sub_key(pattern: str, agent_id: str) -> bytes:
+def subscription_key(pattern: str, agent_id: str) -> bytes:
+    """The ``registry`` db key of ``agent_id``'s subscription to ``pattern``."""
     digest = hashlib.blake2b(f"{pattern}\x00{agent_id}".encode(), digest_size=16).digest()
     return _SUB_PREFIX + digest
 

@@ -4,7 +4,9 @@ The registry is an :class:`~phoenix_node.state.LWWMap` that every node holds a
 copy of. Its keys are ``("placement", agent_id)`` (value: the address of the node
 the agent is placed on, which overrides the ring), ``("meta", agent_id)``
 (value: a map of the agent's metadata, set by users) and ``("weight", address)``
-(value: the node's ring weight, written by the node itself at start). Each write carries a
+(value: the node's ring weight, written by the node itself at start) and
+``("sub", "<pattern>\\x00<agent_id>")`` (value: ``[action, delivery]``, an agent's
+topic subscription, see :mod:`.subscriptions`). Each write carries a
 hybrid-logical-clock timestamp and the writing node's replica id
 (``<address>#<incarnation>``, never reused), so two copies join to the same map
 whatever the order in which they saw the writes; a removed key leaves a tombstone.
@@ -62,6 +64,7 @@ _STORE_KEY = b"lww"
 PLACEMENT = "placement"
 META = "meta"
 WEIGHT = "weight"
+SUB = "sub"
 
 
 class RegistryError(ValueError):
@@ -88,6 +91,7 @@ class Registry:
         self._map = LWWMap()
         self._placements: dict[str, str] = {}
         self._weights: dict[str, float] = {}
+        self._subs: dict[tuple[str, str], tuple[str, int]] = {}
         #: called after a change of the node weights (the cluster rebuilds its ring)
         self.on_weights: Callable[[], None] | None = None
         self._digest = b""
@@ -123,6 +127,16 @@ class Registry:
         """The placements, not copied: a new mapping after each change (so an unchanged
         one is recognised by identity)."""
         return self._placements
+
+    @property
+    def subscription_map(self) -> Mapping[tuple[str, str], tuple[str, int]]:
+        """The agents' subscriptions, ``(pattern, agent) -> (action, delivery)``, not
+        copied: a new mapping after each change of the registry."""
+        return self._subs
+
+    def subscription_keys(self) -> set[tuple[str, str]]:
+        """Every ``(pattern, agent)`` the registry has a write for, removed ones too."""
+        return {_split_sub(k[1]) for k in self._map.all_keys() if _valid_key(k) and k[0] == SUB}
 
     def meta(self, agent_id: str) -> dict[str, Any] | None:
         value = self._map.get((META, agent_id))
@@ -199,6 +213,23 @@ class Registry:
                 self._map.put(self.replica, key, meta)
             except StateError as exc:
                 raise RegistryError(f"agent metadata: {exc}") from None
+        self._changed()
+
+    def update_subscriptions(
+        self,
+        adds: dict[tuple[str, str], tuple[str, int]],
+        removes: Iterable[tuple[str, str]],
+    ) -> None:
+        """Add (or change) and remove agents' subscriptions, as one change."""
+        removes = list(removes)
+        if not adds and not removes:
+            return
+        for (pattern, agent_id), (action, delivery) in adds.items():
+            key = (SUB, _sub_name(pattern, agent_id))
+            self._check_room(key)
+            self._map.put(self.replica, key, [action, delivery])
+        for pattern, agent_id in removes:
+            self._map.remove(self.replica, (SUB, _sub_name(pattern, agent_id)))
         self._changed()
 
     def merge(self, encoded: bytes) -> bool:
@@ -333,14 +364,18 @@ class Registry:
         self._digest = hashlib.blake2b(self._encoded, digest_size=8).digest()
         placements: dict[str, str] = {}
         weights: dict[str, float] = {}
+        subs: dict[tuple[str, str], tuple[str, int]] = {}
         for key, value in self._map.value.items():
             if not _valid_key(key):
                 continue
             if key[0] == PLACEMENT and isinstance(value, str):
                 placements[key[1]] = value
+            elif key[0] == SUB and _valid_sub(value):
+                subs[_split_sub(key[1])] = (value[0], value[1])
             elif key[0] == WEIGHT and isinstance(value, float) and 0.0 < value <= 1000.0:
                 weights[key[1]] = value
         self._placements = placements
+        self._subs = subs
         if weights != self._weights:
             self._weights = weights
             if self.on_weights is not None:
@@ -381,6 +416,28 @@ def _valid_key(key: Any) -> bool:
     return (
         isinstance(key, tuple)
         and len(key) == 2
-        and key[0] in (PLACEMENT, META, WEIGHT)
+        and key[0] in (PLACEMENT, META, WEIGHT, SUB)
         and isinstance(key[1], str)
+        and (key[0] != SUB or key[1].count("\x00") == 1)
+    )
+
+
+def _sub_name(pattern: str, agent_id: str) -> str:
+    if not isinstance(pattern, str) or "\x00" in pattern or not pattern:
+        raise RegistryError(f"a subscription pattern is a non-empty string, not {pattern!r:.80}")
+    return f"{pattern}\x00{_check_agent(agent_id)}"
+
+
+def _split_sub(name: str) -> tuple[str, str]:
+    pattern, _, agent_id = name.partition("\x00")
+    return pattern, agent_id
+
+
+def _valid_sub(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+        and not isinstance(value[1], bool)
     )

@@ -436,6 +436,44 @@ class Store:
             self._write(apply)
         return deleted
 
+    def update_prefix(
+        self,
+        db: str,
+        prefix: bytes,
+        change: Callable[[dict[bytes, bytes]], dict[bytes, bytes | None]],
+    ) -> dict[bytes, bytes | None]:
+        """Read every item of ``db`` under ``prefix`` and write what ``change`` makes of
+        them (key -> new value, None: delete), in one write transaction: no other
+        writer's commit falls between the read and the write. ``change`` may run more
+        than once (a retry after the map grew); returns its last answer."""
+        handle = self._handle(db)
+        if not isinstance(prefix, bytes) or len(prefix) > MAX_KEY_SIZE:
+            raise InvalidValueError(
+                f"prefix must be bytes of at most {MAX_KEY_SIZE}, got {prefix!r}"
+            )
+        writes: dict[bytes, bytes | None] = {}
+
+        def apply(txn: lmdb.Transaction[bytes]) -> None:
+            nonlocal writes
+            items: dict[bytes, bytes] = {}
+            cursor = txn.cursor(db=handle)
+            found = cursor.set_range(prefix) if prefix else cursor.first()
+            while found:
+                key = cursor.key()
+                if not key.startswith(prefix):
+                    break
+                items[key] = cursor.value()
+                found = cursor.next()
+            writes = change(items)
+            for key, value in writes.items():
+                if value is None:
+                    txn.delete(_check_key(key), db=handle)
+                else:
+                    txn.put(_check_key(key), value, db=handle)
+
+        self._write(apply)
+        return writes
+
     def _write(self, apply: Callable[[lmdb.Transaction[bytes]], None]) -> None:
         """Run ``apply`` in a write txn; grow or adopt the map and retry as needed."""
         env = self._live_env()

@@ -4,6 +4,7 @@ that outlive a kill -9 of the receiver's node."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -133,3 +134,63 @@ def test_at_least_once_tells_reach_an_agent_whose_node_was_killed(
         30,
         "every at-least-once tell at the agent's new owner",
     )
+
+
+def tables_hold(nodes: list[Node], n: int) -> None:
+    """Wait until every node's registry and every worker's table hold ``n`` subscriptions."""
+    for node in nodes:
+        wait_for(
+            lambda node=node: (  # type: ignore[misc]
+                _registry_subscriptions(node) == n
+                and all(w["messaging"].get("subscriptions") == n for w in workers(node))
+            ),
+            10,
+            f"{node.endpoint} to hold {n} subscriptions",
+        )
+
+
+def _registry_subscriptions(node: Node) -> int:
+    with node.client(timeout=10) as c:
+        found: int = c.cluster_status()["subscriptions"]["subscriptions"]
+        return found
+
+
+@pytest.mark.timeout(120)
+def test_a_publish_on_any_node_reaches_each_subscriber_once_wherever_it_subscribed(
+    start_node: StartNode,
+) -> None:
+    nodes = start_cluster(start_node, 3, **MESSAGING)
+    views_of(nodes)
+    ring = Ring(dict.fromkeys((n.endpoint for n in nodes), 1.0))
+    sinks = [on_node(ring, node, f"Sink/sub{i}-")[0] for i, node in enumerate(nodes)]
+    sender = on_node(ring, nodes[0], "Sender/pub")[0]
+    with nodes[0].client(timeout=10) as c:
+        c.ask(sinks[0], "follow", pattern="news.#")  # subscribed by the agent itself
+        c.ask(sinks[1], "follow", pattern="news.#")
+    with nodes[2].client(timeout=10) as c:  # subscribed by a client of another node
+        c.subscribe_agent("news.#", sinks[2])
+    tables_hold(nodes, 3)
+    with nodes[0].client(timeout=10) as c:
+        c.ask(sender, "announce", topic="news.a", data=1)  # an agent's publish, node 0
+    with nodes[2].client(timeout=10) as c:
+        c.publish("news.b", 2, delivery="at_least_once")  # a client's publish, node 2
+        c.flush(timeout=10)
+
+    def events(sink: str) -> list[str]:
+        return list(report(nodes[1], sink)["events"])
+
+    for sink in sinks:
+        wait_for(lambda s=sink: events(s) == ["news.a|1", "news.b|2"], 20, f"{sink}'s events")  # type: ignore[misc]
+    time.sleep(0.5)  # a second delivery (one per node holding the subscription) shows now
+    assert [report(nodes[0], s)["runs"] for s in sinks] == [2, 2, 2]
+
+    with nodes[1].client(timeout=10) as c:  # unsubscribed on a node it did not subscribe on
+        c.unsubscribe_agent("news.#", sinks[2])
+    tables_hold(nodes, 2)
+    with nodes[1].client(timeout=10) as c:
+        c.publish("news.c", 3, delivery="at_least_once")
+        c.flush(timeout=10)
+    for sink in sinks[:2]:
+        wait_for(lambda s=sink: "news.c|3" in events(s), 20, f"{sink}'s last event")  # type: ignore[misc]
+    time.sleep(0.5)
+    assert events(sinks[2]) == ["news.a|1", "news.b|2"]
