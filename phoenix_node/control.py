@@ -61,6 +61,7 @@ from ipc.protocol import (
     split_envelope,
     unpack,
 )
+from workers.engine import RELAY_ACTION
 from workers.host import MERGE_ACTION, error_payload
 from workers.placement import owner_index
 from workers.process import BootError, WorkerExit, run_child
@@ -81,6 +82,7 @@ __all__ = ["ControlSpec", "run_control"]
 log = logging.getLogger("phoenix.control")
 #: Tells a worker to read the node view now (no answer).
 _VIEW_NOTICE = [b"", encode_request(ADMIN, 0, "", "view"), b""]
+_RELAY_BATCH_HEADER = encode_batch_header()
 
 
 @dataclass(frozen=True)
@@ -329,6 +331,8 @@ class _Control:
             self._answer(stack, corr, self._status())
         elif kind == ADMIN and _action.startswith("cluster."):
             self._cluster_admin(frames, stack, corr, _action, payload, from_peer)
+        elif kind == ADMIN and _action == RELAY_ACTION and not from_peer:
+            self._relay_publishes(payload)
         elif kind == ADMIN and _action == REGISTRY_ACTION and from_peer:
             self._replica_admin(stack, corr, payload, self.registry.on_sync)
         elif kind == ADMIN and _action == ACCEPT_ACTION and from_peer:
@@ -399,6 +403,15 @@ class _Control:
             ):
                 return
         self._local(frames, stack, kind, corr, key)
+
+    def _relay_publishes(self, entries: bytes) -> None:
+        """Publishes a worker of this node handled, sent on (at most once) to every other
+        live node for the clients subscribed there; their answers are credits only."""
+        me = self.cluster.me.address
+        frames = [b"", _RELAY_BATCH_HEADER, entries]
+        for address in self.cluster.ring.members:
+            if address != me:
+                self.cluster.forward(address, frames)
 
     def _to_worker(self, agent_id: str, frames: list[bytes]) -> bool:
         """A request of this process's own (a migration's) to the worker of ``agent_id``."""

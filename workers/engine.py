@@ -42,7 +42,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -77,6 +77,8 @@ from .topics import TopicTable
 
 __all__ = [
     "OTHER_NODE",
+    "RELAYED_ATTR",
+    "RELAY_ACTION",
     "SUBS_VERSION",
     "SUB_PREFIX",
     "Engine",
@@ -100,6 +102,10 @@ _MAX_QUEUED_KEYS = 1_000_000
 #: The destination "another node": sent to the node's control process, which routes
 #: it to the owning node like a client's request.
 OTHER_NODE = -1
+#: The attribute marking a publish another node handled, sent on for its clients.
+RELAYED_ATTR = "phoenixrelayed"
+#: The ADMIN operation carrying them from a worker to its control process.
+RELAY_ACTION = "relay.publish"
 
 
 class Msg:
@@ -180,6 +186,8 @@ class Output:
     subscriptions_changed: bool
     #: whole messages for other workers, with the original sender's route
     forwards: list[tuple[int, list[bytes]]]
+    #: publishes handled here, encoded PUBLISH entries for the other nodes' clients
+    relays: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -247,6 +255,7 @@ class Engine:
         self._credits: dict[Route, int] = defaultdict(int)
         self._remote: dict[int, list[bytes]] = defaultdict(list)
         self._forwards: list[tuple[int, list[bytes]]] = []
+        self._relays: list[bytes] = []
         self._events: dict[Route, list[tuple[int, bytes]]] = defaultdict(list)
         self._local_acks: list[tuple[int, str]] = []
         # Guaranteed messages from other processes now waiting in a mailbox: a re-send
@@ -257,7 +266,8 @@ class Engine:
         self._next_corr = 0
         self.stats: dict[str, int] = defaultdict(int)
         for counter in ("refused", "duplicates", "redirected", "published", "fanout",
-                        "outbox_full", "resends_dropped", "to_other_nodes"):  # fmt: skip
+                        "outbox_full", "resends_dropped", "to_other_nodes",
+                        "relayed_in", "relayed_out"):  # fmt: skip
             self.stats[counter] = 0
         self._resume_spilled()
         self.load_subscriptions()
@@ -652,6 +662,9 @@ class Engine:
 
     def _publish(self, msg: Msg) -> None:
         source = msg.attrs.get("source")
+        if msg.attrs.get(RELAYED_ATTR):
+            self._publish_relayed(msg, source)
+            return
         if msg.delivery == EXACTLY_ONCE and isinstance(source, str):
             hit = self.dedup.lookup(source, msg.corr)
             if hit is not None:
@@ -677,10 +690,32 @@ class Engine:
                 )
         self.stats["published"] += 1
         self.stats["fanout"] += delivered
+        if self.elsewhere is not None:
+            # Clients of the other nodes get it too (agents' subscriptions are the whole
+            # cluster's, so they were served above, once).
+            relay: dict[str, Any] = {RELAYED_ATTR: 1}
+            if isinstance(source, str) and source:
+                relay["source"] = source
+            self._relays.append(encode_entry(PUBLISH, msg.corr, topic, "", 0, relay, msg.data))
         body = pack(delivered)
         if msg.delivery == EXACTLY_ONCE and isinstance(source, str):
             self.dedup.record(source, msg.corr, OK, body)
         self._answer(msg, OK, body)
+
+    def _publish_relayed(self, msg: Msg, source: Any) -> None:
+        """A publish handled on another node: for the clients subscribed here only."""
+        topic = msg.subject
+        delivered = 0
+        for _, sub in self.topics.match(topic):
+            if isinstance(sub, _ClientSub):
+                delivered += 1
+                self._events[sub.route].append(
+                    (sub.sub_id, pack([topic, source or "", str(msg.corr), msg.data]))
+                )
+        self.stats["relayed_in"] += 1
+        self.stats["fanout"] += delivered
+        if msg.route is not None:
+            self._credits[msg.route] += 1
 
     def subscribe_client(self, route: Route, pattern: str, sub_id: int) -> None:
         key = (route, pattern)
@@ -807,8 +842,10 @@ class Engine:
             dict(self._events),
             self._subs_changed,
             self._forwards,
+            self._relays,
         )
         self._forwards = []
+        self._relays = []
         self._replies.clear()
         self._acks.clear()
         self._credits.clear()

@@ -87,7 +87,7 @@ from phoenix_node.state import StateError
 from phoenix_node.state.store import Store, StoreError
 
 from .agent import Agent, check_action_name, check_agent_id_arg
-from .engine import OTHER_NODE, Engine, Msg, Output
+from .engine import OTHER_NODE, RELAY_ACTION, Engine, Msg, Output
 from .gossip import Gossip, Rumor
 from .host import OK, AgentHost, error_payload
 from .mailbox import MailboxPolicy
@@ -521,6 +521,9 @@ class _Worker:
                     break
         for owner, frames in out.forwards:
             self._forward(owner, frames)
+        if out.relays:
+            self.engine.stats["relayed_out"] += len(out.relays)
+            self._send_peer(OTHER_NODE, [b"", _RELAY_HEADER, join_entries(out.relays)])
         if out.subscriptions_changed:
             _, pushes = self.gossip.start("subscriptions", None)
             self._push_rumors(pushes)
@@ -729,6 +732,8 @@ def _drain_fd(fd: int) -> None:
 
 
 _BATCH_HEADER = encode_batch_header()
+#: Publishes this worker handled, to the control process for the other nodes' clients.
+_RELAY_HEADER = encode_request(ADMIN, 0, "", RELAY_ACTION)
 _REPLY_BATCH_HEADER = encode_reply_kind(REPLY_BATCH, 0)
 _ACKS_HEADER = encode_reply_kind(ACKS, 0)
 

@@ -170,11 +170,29 @@ def test_a_publish_on_any_node_reaches_each_subscriber_once_wherever_it_subscrib
     with nodes[2].client(timeout=10) as c:  # subscribed by a client of another node
         c.subscribe_agent("news.#", sinks[2])
     tables_hold(nodes, 3)
-    with nodes[0].client(timeout=10) as c:
-        c.ask(sender, "announce", topic="news.a", data=1)  # an agent's publish, node 0
-    with nodes[2].client(timeout=10) as c:
-        c.publish("news.b", 2, delivery="at_least_once")  # a client's publish, node 2
-        c.flush(timeout=10)
+    watchers = [node.client(timeout=10) for node in nodes]  # a client's stream on each node
+    try:
+        for w in watchers:
+            w.subscribe("news.#")
+        with nodes[0].client(timeout=10) as c:
+            c.ask(sender, "announce", topic="news.a", data=1)  # an agent's publish, node 0
+        with nodes[2].client(timeout=10) as c:
+            c.publish("news.b", 2, delivery="at_least_once")  # a client's publish, node 2
+            c.flush(timeout=10)
+        for w in watchers:  # each client sees each event once, whichever node handled it
+            seen: list[tuple[str, Any]] = []
+            deadline = time.monotonic() + 10
+            while len(seen) < 2 and time.monotonic() < deadline:
+                seen += [(e.topic, e.data) for e in w.events(timeout=0.2)]
+            seen += [(e.topic, e.data) for e in w.events(timeout=0.5)]
+            assert sorted(seen) == [("news.a", 1), ("news.b", 2)], (
+                f"client of node {watchers.index(w)}"
+            )
+        for w in watchers:
+            w.unsubscribe("news.#")
+    finally:
+        for w in watchers:
+            w.close()
 
     def events(sink: str) -> list[str]:
         return list(report(nodes[1], sink)["events"])
