@@ -144,20 +144,17 @@ class _Control:
         signal.signal(signal.SIGINT, self._on_stop)
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.front = make_router(ctx)
-        try:
-            self.front.bind(bindable(spec.listen))
-        except zmq.ZMQError as exc:
-            self.front.close(0)
-            ctx.term()
-            raise _BindError(f"cannot bind {spec.listen}: {exc}") from exc
-        self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
-        try:
-            # The node's workers send their agents' messages for other nodes here.
-            self.front.bind(control_ipc_endpoint(spec.node_id))
-        except zmq.ZMQError as exc:
-            self.front.close(0)
-            ctx.term()
-            raise _BindError(f"cannot bind the node's control socket: {exc}") from exc
+        # The public endpoint first (its bound form is the node's address), then the ipc
+        # one where the node's workers send their agents' messages for other nodes.
+        self.endpoint = ""
+        for endpoint in (bindable(spec.listen), control_ipc_endpoint(spec.node_id)):
+            try:
+                self.front.bind(endpoint)
+            except zmq.ZMQError as exc:
+                self.front.close(0)
+                ctx.term()
+                raise _BindError(f"cannot bind {endpoint}: {exc}") from exc
+            self.endpoint = self.endpoint or self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backs = []
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)

@@ -13,8 +13,8 @@ from phoenix_node import Node
 from phoenix_node.cluster.ring import Ring
 
 from ..conftest import kill_pids
-from .test_cluster_nodes import AGENTS, StartNode, start_cluster, states, wait_for
-from .test_replication_nodes import FAST, kill_node
+from .test_cluster_nodes import AGENTS, StartNode, start_cluster, wait_for
+from .test_replication_nodes import FAST, kill_node, wait_down
 
 MESSAGING = {
     "agents": [*AGENTS, "tests.cluster.agents:Sender", "tests.cluster.agents:Sink"],
@@ -120,12 +120,7 @@ def test_at_least_once_tells_reach_an_agent_whose_node_was_killed(
     try:
         with nodes[0].client(timeout=10) as c:  # sent while the node is dead
             c.ask(sender, "send", target=sink, seqs=list(range(50, 100)), guarantee="at_least_once")
-        for observer in (nodes[0], nodes[2]):
-            wait_for(
-                lambda o=observer: states(o).get(victim.endpoint) == "down",  # type: ignore[misc]
-                15,
-                "the dead node to be declared down",
-            )
+        wait_down([nodes[0], nodes[2]], victim)
     finally:
         kill_pids(pids)
     # the outbox sends again until the agent's new owner (a replica) acknowledges

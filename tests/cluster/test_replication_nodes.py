@@ -76,12 +76,7 @@ def test_acknowledged_writes_survive_kill_9_of_their_owner(start_node: StartNode
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for observer in (nodes[0], nodes[2]):
-            wait_for(
-                lambda o=observer: states(o).get(victim.endpoint) == "down",  # type: ignore[misc]
-                15,
-                "the dead node to be declared down",
-            )
+        wait_down([nodes[0], nodes[2]], victim)
     finally:
         kill_pids(pids)
     for survivor in (nodes[0], nodes[2]):  # the new owners serve the replicated state
@@ -90,6 +85,16 @@ def test_acknowledged_writes_survive_kill_9_of_their_owner(start_node: StartNode
         c.tell_many([(k, "inc", {}) for k in owned], delivery="at_least_once")
         c.flush(timeout=30)
     assert counts(nodes[0], owned) == [4] * len(owned)
+
+
+def wait_down(observers: list[Node], victim: Node, timeout: float = 15) -> None:
+    """Wait until every one of ``observers`` has declared ``victim`` down."""
+    for observer in observers:
+        wait_for(
+            lambda o=observer: states(o).get(victim.endpoint) == "down",  # type: ignore[misc]
+            timeout,
+            "the dead node to be declared down",
+        )
 
 
 def kill_node(node: Node) -> list[int]:
