@@ -7,19 +7,44 @@ what it gets (the worker's reserved action ``_merge``), and merging the same
 state twice, or in any order, changes nothing.
 
 Shipping (eventual; the change log is a transactional outbox)
-    While the node has peers, every worker commit also writes the ids of the
-    agents it changed into the ``repl`` db, in the same LMDB transaction as
-    the states (value: a stamp unique to that commit). Each loop turn the
-    :class:`Replicator` reads up to ``batch`` logged ids, reads their
-    committed states and sends each alive member of the preference list
-    (except this node) one BATCH of ``_merge`` ASKs, over the peer DEALER the
-    membership protocol already uses. The receiving control process hands
-    the batch to its workers like any request; a worker merges and commits
-    before it answers. When every target answered ok, the log entry is
-    deleted if its stamp is unchanged (compare-and-delete: a commit made
-    meanwhile logged the agent again and is shipped again). No answer within
+    While the node has peers, every worker commit also writes an entry per
+    agent it changed into the ``repl`` db, in the same LMDB transaction as the
+    states (value: :mod:`workers.replog`, a stamp unique to that commit and
+    either the agent's delta, joined with the logged delta not shipped yet, or
+    a mark "ship the whole state"). Each loop turn the :class:`Replicator`
+    reads up to ``batch`` logged entries, reads the agents' committed states
+    and sends each alive member of the preference list (except this node) one
+    BATCH of ``_merge`` ASKs, over the peer DEALER the membership protocol
+    already uses. The receiving control process hands the batch to its workers
+    like any request; a worker merges and commits before it answers. When
+    every target answered ok, the log entry is deleted if its value is
+    unchanged (compare-and-delete: a commit made meanwhile logged the agent
+    again and is shipped again), at the next flush or before the replies that
+    waited for it are released, whichever comes first. No answer within
     ``timeout`` seconds: shipped again. A final error (the target does not
     know the agent type): counted and given up for that target.
+
+Deltas or whole states (``deltas``, the node option ``replication_deltas``)
+    A target gets the logged delta only when it is known to hold every change
+    of the agent logged before it: it answered ok to a shipment of the agent
+    (whole or delta) and, since, no shipment to it failed (no answer in time,
+    an error), it was a target of every shipment of the agent, the ring and
+    the membership (a node restarted, left, came back) did not change, and
+    this control process did not restart. Then the delta is all it lacks: the
+    entry holds the join of every delta logged since the last entry every
+    target acknowledged. Anything else gets the whole committed state: a
+    first shipment, a whole-state mark (a worker logs one when it does not
+    know the delta: the first change after an activation, or after a merge
+    changed the agent, whose merged part is in no delta; a failed commit
+    reloads its agents, so theirs too), a delta no smaller than the state,
+    and the ids that anti-entropy or a migration logs. What is known is kept
+    for ``in_sync_limit`` agents (least recently acknowledged forgotten).
+    Re-shipping a part a target holds is harmless (a join is idempotent). A
+    limit: an entry rewritten by every turn (writes to one agent pipelined
+    faster than its shipments are answered) is never deleted, so its delta
+    keeps the changes already shipped and grows toward the state; writers
+    that wait for their acknowledgement (``replication_ack=replicas``) see
+    the entry deleted before their next write.
 
 When a write is acknowledged (``replication_ack``)
     ``replicas`` (the default): the control process holds every reply a worker
