@@ -362,7 +362,8 @@ def format_table(report: dict[str, Any]) -> str:
     repl = report["replication_of_b"]
     lines = [
         "Phoenix cluster bench: 2 nodes x 1 worker on loopback (durable), medians",
-        f"replication_ack={repl['ack']}: node B shipped {repl['shipped']:,} states, "
+        f"replication_ack={repl['ack']}: node B shipped {repl['shipped']:,} records "
+        f"({repl['deltas_shipped']:,} deltas, {repl['states_shipped']:,} whole states), "
         f"{repl['acked']:,} acked by the replica, {repl['hold_timeouts']} hold timeouts",
         f"raw DEALER->ROUTER tcp, 100 in flight   {f['raw_rt100']['rate']:>10,.0f} rt/s",
         f"asks to agents of the node asked       {f['asks_local']['rate']:>10,.0f} /s  "
