@@ -9,6 +9,8 @@ its import path (the bench starts it from there).
 - :class:`Listener`: counts the events of its topic subscriptions.
 - :class:`Journal`: a grow-only set of entries, for tests that must tell which
   writes are present (not only how many).
+- :class:`Catalog`: a last-writer-wins map that grows large (``fill``) while each
+  ``put`` changes one key: what replication by deltas is for.
 - :class:`Slow`: an action that sleeps ~1 ms (about 1,000 messages/s per
   worker), the target of the overload scenario. Its mailbox is small on
   purpose, so that the memory bound it sets is easy to see.
@@ -19,10 +21,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from phoenix_node.state import GCounter, GSet
+from phoenix_node.state import GCounter, GSet, LWWMap
 from workers.agent import Agent, action
 
-__all__ = ["SLOW_MAILBOX", "Journal", "Listener", "Slow", "Tally"]
+__all__ = ["SLOW_MAILBOX", "Catalog", "Journal", "Listener", "Slow", "Tally"]
 
 #: the mailbox of every Slow agent: reject (BACKPRESSURE) once 1,000 messages wait
 SLOW_MAILBOX = {"capacity": 1000, "low_watermark": 500, "strategy": "reject"}
@@ -58,6 +60,26 @@ class Journal(Agent):
     @action
     def entries(self) -> list[str]:
         return sorted(self.seen.value)
+
+
+class Catalog(Agent):
+    """``fill(n, size)`` writes keys ``k0..k<n-1`` (values of ``size`` bytes);
+    ``put(key, value)`` writes one; ``size()`` counts the keys."""
+
+    items = LWWMap()
+
+    @action
+    def fill(self, n: int, size: int = 20) -> None:
+        for i in range(n):
+            self.items.put(self.replica, f"k{i}", "v" * size)
+
+    @action
+    def put(self, key: str, value: str) -> None:
+        self.items.put(self.replica, key, value)
+
+    @action
+    def size(self) -> int:
+        return len(self.items)
 
 
 class Listener(Agent):

@@ -22,7 +22,12 @@ node joins two (the ring, and the same check on the live members' ring);
 **migration** ``--moves`` times an agent is migrated to the other node while a
 client (of node A) sends it pipelined ``inc`` asks without pause: the time each move
 takes (from the request to the answer), the requests that waited during moves, and
-the final count against the acknowledged asks (none lost, none counted twice).
+the final count against the acknowledged asks (none lost, none counted twice);
+**state_shipping** bytes shipped to the replica per write of a large agent (a map
+of ``--keys`` keys of 20-byte values, one key changed per write, ``--writes``
+writes, one at a time) with deltas (nodes A and B) and, in the same run, with
+whole states (two more nodes started with ``replication_deltas=False``): the
+owner's ``bytes_shipped`` per write and the ratio of the two.
 
 Every ``inc`` is a write: with ``replication_ack=replicas`` (the nodes' default,
 ``--replication-ack owner`` to compare) its answer waits until the other node,
@@ -61,7 +66,7 @@ from phoenix_node.cluster.ring import Ring, moved  # noqa: E402
 
 __all__ = ["TARGETS", "main", "run_bench"]
 
-AGENTS = ["bench.agents:Tally"]
+AGENTS = ["bench.agents:Tally", "bench.agents:Catalog"]
 CHUNK = 100
 TARGETS = {"asks_cross": ("raw_rt100", 0.3), "reads_cross": ("raw_rt100", 0.3)}
 
@@ -208,9 +213,64 @@ def migration(a: Node, b: Node, moves: int) -> dict[str, Any]:
     }
 
 
+def _replication(node: Node) -> dict[str, Any]:
+    with node.client(timeout=10) as c:
+        status: dict[str, Any] = c.cluster_status()["replication"]
+        return status
+
+
+def _settled(nodes: list[Node]) -> bool:
+    return all((r := _replication(n))["pending"] == 0 and r["in_flight"] == 0 for n in nodes)
+
+
+def shipping(nodes: list[Node], keys: int, writes: int) -> dict[str, Any]:
+    """Bytes the owner of a ``keys``-key map ships per one-key write, writes one at a time."""
+    ring = Ring(dict.fromkeys((n.endpoint for n in nodes), 1.0))
+    agent = f"Catalog/bench{keys}"
+    owner = next(n for n in nodes if n.endpoint == ring.owner(agent))
+    with nodes[0].client(timeout=60) as client:
+        client.ask(agent, "fill", n=keys)
+        _wait(lambda: _settled(nodes), 60, "the filled map to reach the replica")
+        before = _replication(owner)
+        t0 = time.perf_counter()
+        for i in range(writes):
+            client.ask(agent, "put", key=f"k{i * 7919 % keys}", value=f"w{i}")
+        seconds = time.perf_counter() - t0
+        _wait(lambda: _settled(nodes), 60, "the writes to reach the replica")
+        size = client.ask(agent, "size")
+    after = _replication(owner)
+    shipped = after["bytes_shipped"] - before["bytes_shipped"]
+    return {
+        "keys": size,
+        "writes": writes,
+        "bytes_per_write": shipped / writes,
+        "deltas": after["deltas_shipped"] - before["deltas_shipped"],
+        "whole_states": after["states_shipped"] - before["states_shipped"],
+        "writes_per_s": writes / seconds,
+    }
+
+
+def state_shipping(tmp: str, a: Node, b: Node, keys: int, writes: int) -> dict[str, Any]:
+    """:func:`shipping` on A and B (deltas), then on two nodes shipping whole states."""
+    deltas = shipping([a, b], keys, writes)
+    wa = _node(tmp, "whole_a", replication_deltas=False)
+    wb = _node(tmp, "whole_b", seeds=[wa.endpoint], replication_deltas=False)
+    try:
+        _wait(lambda: _all_up([wa, wb]), 30, "the whole-state pair up")
+        whole = shipping([wa, wb], keys, writes)
+    finally:
+        wa.stop(timeout=10)
+        wb.stop(timeout=10)
+    return {
+        "deltas": deltas,
+        "whole": whole,
+        "ratio": deltas["bytes_per_write"] / whole["bytes_per_write"],
+    }
+
+
 def run_bench(
     seconds: float, repeat: int, kills: int, say: Any = None, ack: str = "replicas",
-    moves: int = 20,
+    moves: int = 20, keys: int = 1000, writes: int = 200,
 ) -> dict[str, Any]:  # fmt: skip
     say = say or (lambda _m: None)
     import tempfile
@@ -246,6 +306,8 @@ def run_bench(
         consistent = final == [expected[k] for k in local + cross]
         say("migration")
         migrate = migration(a, b, moves)
+        say("state shipping")
+        ship = state_shipping(tmp, a, b, keys, writes)
         say("detection")
         detect = detection(tmp, a, b, kills)
         three = ring.with_member("tcp://127.0.0.1:1")
@@ -273,6 +335,7 @@ def run_bench(
         "detection": detect,
         "moved_on_join": moved_share,
         "migration": migrate,
+        "state_shipping": ship,
         "forwarded": forwarded,
         "replication_of_b": replication,
         "checks": {
@@ -280,12 +343,14 @@ def run_bench(
             "consistent_via_other_node": consistent,
             "replicated": replication["acked"] > 0 and replication["hold_timeouts"] == 0,
             "migration_exact": migrate["exact"],
+            "deltas_smaller": ship["ratio"] < 0.5,
         },
         "ok": wrong == 0
         and consistent
         and forwarded > 0
         and replication["acked"] > 0
-        and migrate["exact"],
+        and migrate["exact"]
+        and ship["ratio"] < 0.5,
     }
 
 
@@ -293,10 +358,12 @@ def format_table(report: dict[str, Any]) -> str:
     f, r = report["figures"], report["ratios"]
     d = report["detection"]
     m = report["migration"]
+    s = report["state_shipping"]
     repl = report["replication_of_b"]
     lines = [
         "Phoenix cluster bench: 2 nodes x 1 worker on loopback (durable), medians",
-        f"replication_ack={repl['ack']}: node B shipped {repl['shipped']:,} states, "
+        f"replication_ack={repl['ack']}: node B shipped {repl['shipped']:,} records "
+        f"({repl['deltas_shipped']:,} deltas, {repl['states_shipped']:,} whole states), "
         f"{repl['acked']:,} acked by the replica, {repl['hold_timeouts']} hold timeouts",
         f"raw DEALER->ROUTER tcp, 100 in flight   {f['raw_rt100']['rate']:>10,.0f} rt/s",
         f"asks to agents of the node asked       {f['asks_local']['rate']:>10,.0f} /s  "
@@ -314,6 +381,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"migrate under load ({m['moves']} moves)     p50 {m['p50_ms']:.1f} ms, "
         f"p99 {m['p99_ms']:.1f} ms; {m['buffered']:,} requests waited; "
         f"count {m['final']:,} = {m['acked']:,} acknowledged: {m['exact']}",
+        f"bytes shipped per write, {s['deltas']['keys']:,}-key map, one key per write: "
+        f"{s['deltas']['bytes_per_write']:,.0f} with deltas "
+        f"({s['deltas']['deltas']} deltas, {s['deltas']['whole_states']} whole), "
+        f"{s['whole']['bytes_per_write']:,.0f} with whole states: ratio {s['ratio']:.4f}",
         f"checks: {report['checks']}",
     ]
     for name, t in report["targets"].items():
@@ -329,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="rounds; figures are medians")
     parser.add_argument("--kills", type=int, default=5, help="node kills timed for detection")
     parser.add_argument("--moves", type=int, default=20, help="migrations timed under load")
+    parser.add_argument("--keys", type=int, default=1000, help="keys of the large agent")
+    parser.add_argument("--writes", type=int, default=200, help="writes to the large agent")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
@@ -338,12 +411,18 @@ def main(argv: list[str] | None = None) -> int:
         help="when the nodes acknowledge a write (the node option replication_ack)",
     )
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.repeat < 1 or args.kills < 1 or args.moves < 1:
-        parser.error("--seconds must be > 0, --repeat, --kills and --moves >= 1")
+    if min(args.repeat, args.kills, args.moves, args.writes) < 1 or args.seconds <= 0:
+        parser.error("--seconds must be > 0, --repeat, --kills, --moves, --writes >= 1")
+    if args.keys < 10:
+        parser.error("--keys must be >= 10")
     if args.quick:
         args.seconds, args.repeat, args.kills, args.moves = 0.3, 1, 1, 2
+        args.writes = 20
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    report = run_bench(args.seconds, args.repeat, args.kills, say, args.replication_ack, args.moves)
+    report = run_bench(
+        args.seconds, args.repeat, args.kills, say, args.replication_ack, args.moves,
+        args.keys, args.writes,
+    )  # fmt: skip
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0 if report["ok"] else 1
 

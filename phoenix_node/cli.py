@@ -172,6 +172,15 @@ def _print_cluster(cluster: dict[str, Any]) -> None:
             f"{mark}{m['address']:<27} {m['incarnation']:>18} {m['state']:<9} "
             f"{m['share'] * 100:>9.1f}% {m['since_s']:>8.1f}s"
         )
+    repl = cluster.get("replication")
+    if isinstance(repl, dict):
+        print(
+            f"replication: {repl.get('shipped', 0)} shipped ({repl.get('deltas_shipped', 0)} "
+            f"deltas, {repl.get('states_shipped', 0)} whole states, "
+            f"{repl.get('bytes_shipped', 0)} bytes), {repl.get('acked', 0)} acked, "
+            f"{repl.get('pending', 0)} pending, {repl.get('expired', 0)} expired, "
+            f"ack={repl.get('ack')}"
+        )
 
 
 def _leave(args: argparse.Namespace) -> int:

@@ -238,6 +238,13 @@ OPTIONS: tuple[Option, ...] = (
         minimum=0.1,
     ),
     Option(
+        "replication_deltas",
+        bool,
+        True,
+        "cluster: ship a replica only what changed (the CRDT delta) once it is known to "
+        "hold the rest; off: every shipment carries the whole state",
+    ),
+    Option(
         "fault_injection",
         bool,
         False,
@@ -282,6 +289,7 @@ class NodeConfig:
     anti_entropy_interval: float = 30.0
     replication_ack: str = "replicas"
     replication_timeout: float = 5.0
+    replication_deltas: bool = True
     fault_injection: bool = False
     ready_file: str = ""
     log_level: str = "info"

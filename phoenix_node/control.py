@@ -108,6 +108,7 @@ class ControlSpec:
     anti_entropy_interval: float = 30.0
     replication_ack: str = "replicas"
     replication_timeout: float = 5.0
+    replication_deltas: bool = True
 
 
 def run_control(spec: ControlSpec) -> NoReturn:
@@ -175,7 +176,7 @@ class _Control:
                 self.store, self.cluster, replicas=spec.replicas,
                 anti_entropy_interval=spec.anti_entropy_interval,
                 ack=spec.replication_ack, hold_timeout=spec.replication_timeout,
-                send=self._send,
+                deltas=spec.replication_deltas, send=self._send,
             )  # fmt: skip
             self.handoff = Handoff(
                 self.store, self.cluster, replicas=spec.replicas, merge_local=self._merge_local

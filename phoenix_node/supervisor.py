@@ -377,6 +377,7 @@ class Supervisor:
                 anti_entropy_interval=cfg.anti_entropy_interval,
                 replication_ack=cfg.replication_ack,
                 replication_timeout=cfg.replication_timeout,
+                replication_deltas=cfg.replication_deltas,
             )
         return WorkerSpec(
             index=slot.index,

@@ -30,11 +30,15 @@ from phoenix_node.state import AgentState, DecodeError, StateError, StoreError
 from phoenix_node.state.store import Store, WriteBatch
 
 from .agent import Agent
+from .replog import delta_entry, read_entry, whole_entry
 
 __all__ = [
     "MERGE_ACTION",
     "RELEASE_ACTION",
+    "REPLICATE_DELTAS",
     "REPLICATE_KEY",
+    "REPLICATE_OFF",
+    "REPLICATE_WHOLE",
     "AgentContext",
     "AgentHost",
     "Outgoing",
@@ -49,8 +53,12 @@ MERGE_ACTION = "_merge"
 #: (``on_stop``) and its state record returned (None: no state yet). The reply comes
 #: after the commit that holds every earlier message's effect, like every reply.
 RELEASE_ACTION = "_release"
-#: ``meta`` key the control process sets to b"1" while the node has peers to replicate to.
+#: ``meta`` key the control process sets while the node has peers to replicate to: its
+#: value says what commits log (:mod:`workers.replog`).
 REPLICATE_KEY = b"cluster.replicate"
+REPLICATE_OFF = b"0"  #: alone: commits log nothing
+REPLICATE_WHOLE = b"1"  #: commits log "ship the whole state" (replication_deltas off)
+REPLICATE_DELTAS = b"2"  #: commits log their deltas, joined with any not shipped yet
 _REPL_STAMP = struct.Struct(">IQ")  # pid, commit sequence: tells one logged change from another
 
 OK = 0
@@ -139,10 +147,15 @@ class AgentHost:
         self.passivations = 0
         self.commits = 0
         # Replication (phoenix_node/cluster/replication.py): while the node has peers,
-        # each commit also logs the ids of the agents it changed into the ``repl`` db,
-        # in the same transaction; the control process ships those states to the
-        # agents' replicas. States merged in from a replica are not logged again.
+        # each commit also logs the agents it changed into the ``repl`` db, in the
+        # same transaction, with their deltas (workers/replog.py); the control process
+        # ships them to the agents' replicas. States merged in from a replica are not
+        # logged again. Agents track deltas only while deltas are logged.
         self.replicate = False
+        self.deltas = False
+        # Active agents whose next logged change must be the whole state: activated
+        # (what they hold may include merges a replica lacks), or changed by a merge.
+        self._whole_next: set[str] = set()
         self._replicate_checked = -1.0
         self._merged: dict[str, AgentState] = {}  # merged into agents not active here
         self._merged_bytes: dict[str, bytes] = {}  # their encodings, saved at the commit
@@ -206,6 +219,8 @@ class AgentHost:
             del self._last_used[agent_id]
         self._last_used[agent_id] = self.clock()
         self._touched[agent_id] = agent
+        # Merged into earlier in this batch, now run: its change is logged for shipping.
+        self._merged_only.discard(agent_id)
         self.context.sender = agent_id
         try:
             return OK, fn(agent, **kwargs)
@@ -225,7 +240,12 @@ class AgentHost:
 
     def _merge(self, agent_id: str, cls: type[Agent], payload: bytes) -> tuple[int, Any]:
         """Join a replica's encoded state of ``agent_id`` into this node's (the reserved
-        action ``_merge``; its payload is the state record itself, not kwargs)."""
+        action ``_merge``; its payload is the state record itself, not kwargs).
+
+        The record is a whole state or a delta (some fields, each the join of some
+        changes): both decode with the schema and join the same way. The payload is
+        only ever compared with the stored state or joined into it; what is cached
+        (``_replicas``) and stored is the join, never the payload itself."""
         schema = cls.__phoenix_schema__
         try:
             incoming = schema.decode(payload, track_deltas=False)
@@ -272,6 +292,9 @@ class AgentHost:
             if agent_id not in self._touched:
                 self._merged_only.add(agent_id)
             self._touched[agent_id] = agent
+            # The merged part is in no delta: a replica known to hold every logged
+            # delta may lack it, so the next logged change ships the whole state.
+            self._whole_next.add(agent_id)
         else:
             self._merged[agent_id] = state
             self._merged_bytes[agent_id] = after
@@ -328,19 +351,24 @@ class AgentHost:
         schema = cls.__phoenix_schema__
         stopped = self._touched.get(agent_id)
         cached = self._replicas.pop(agent_id, None)
+        tracking = self.replicate and self.deltas
         try:
             merged = self._merged.pop(agent_id, None)  # a replica's state, not committed yet
             if merged is not None:
                 self._merged_only.add(agent_id)
                 self._merged_bytes.pop(agent_id, None)
             if stopped is not None:  # stopped in this batch, its state not committed yet
-                state = stopped._state
-            elif merged is not None:
-                state = merged
-            elif cached is not None:
-                state = cached[0]
+                state = stopped._state  # with its pending delta and whole-state mark
             else:
-                state = schema.load(self.store.load_state(agent_id), track_deltas=False)
+                if merged is not None:
+                    state = merged
+                elif cached is not None:
+                    state = cached[0]
+                else:
+                    state = schema.load(self.store.load_state(agent_id), track_deltas=tracking)
+                state.set_delta_tracking(tracking)
+                if tracking:
+                    self._whole_next.add(agent_id)
         except DecodeError as exc:
             raise _ActivationFailed(
                 ErrorCode.INTERNAL,
@@ -408,6 +436,8 @@ class AgentHost:
             log.exception("%s.on_stop raised; passivating it anyway", agent_id)
         if agent._state.dirty:
             self._touched[agent_id] = agent  # committed with the current batch
+        else:
+            self._whole_next.discard(agent_id)
         self.passivations += 1
 
     def stop_all(self) -> None:
@@ -419,15 +449,72 @@ class AgentHost:
 
     def _replicating(self) -> bool:
         """Whether commits log changes for replication (the control's flag, read at most
-        every 0.2 s)."""
+        every 0.2 s); :attr:`deltas` says whether with their deltas."""
         now = time.monotonic()
         if now - self._replicate_checked >= 0.2:
             self._replicate_checked = now
             try:
-                self.replicate = self.store.get("meta", REPLICATE_KEY) == b"1"
+                flag = self.store.get("meta", REPLICATE_KEY)
             except StoreError:
-                pass
+                return self.replicate
+            self.replicate = flag in (REPLICATE_WHOLE, REPLICATE_DELTAS)
+            self.deltas = flag == REPLICATE_DELTAS
         return self.replicate
+
+    def _log_changes(
+        self, batch: WriteBatch, dirty: list[tuple[str, Agent]], merged_only: set[str]
+    ) -> None:
+        """Stage the change log entries of a commit: one per agent changed by its own
+        actions, with its delta joined into the entry not shipped yet, or a whole-state
+        mark when its delta is not known (:mod:`workers.replog`)."""
+        self._repl_seq += 1
+        stamp = _REPL_STAMP.pack(os.getpid(), self._repl_seq)
+        whole = whole_entry(stamp)
+        deltas: dict[bytes, AgentState] = {}
+        for agent_id, agent in dirty:
+            if agent_id in merged_only:
+                continue
+            state = agent._state
+            delta = self._take_delta(agent_id, state)
+            if delta is None:
+                batch.put("repl", agent_id.encode(), whole)
+            else:
+                deltas[agent_id.encode()] = delta
+        if not deltas:
+            return
+        try:
+            logged = self.store.get_many("repl", deltas)
+        except StoreError as exc:
+            log.warning("cannot read the change log (%s): logging whole states", exc)
+            logged = dict.fromkeys(deltas, b"")  # b"": reads as "ship the whole state"
+        for key, delta in deltas.items():
+            value = self._joined(stamp, delta, logged.get(key))
+            batch.put("repl", key, whole if value is None else value)
+
+    def _take_delta(self, agent_id: str, state: AgentState) -> AgentState | None:
+        """The delta of ``state`` since its last logged change; None when it is not
+        known (then tracking restarts here, for the next commit)."""
+        if not state.tracks_deltas or agent_id in self._whole_next:
+            self._whole_next.discard(agent_id)
+            state.set_delta_tracking(True)  # what is pending is part of the whole state
+            return None
+        return state.take_delta()
+
+    def _joined(self, stamp: bytes, delta: AgentState, logged: bytes | None) -> bytes | None:
+        """The log value holding ``delta`` and the one logged before, not shipped yet
+        (None: ship the whole state, which holds both)."""
+        try:
+            if logged is None:
+                return delta_entry(stamp, delta.encode())
+            old = read_entry(logged)[1]
+            if old is None:
+                return None  # already "ship the whole state"
+            joined = delta.schema.decode(old, track_deltas=False)
+            joined.merge_in(delta)
+            return delta_entry(stamp, joined.encode())
+        except (StateError, ValueError, OverflowError) as exc:
+            log.warning("cannot log a delta (%s): logging the whole state", exc)
+            return None
 
     def commit(self, extra: Callable[[WriteBatch], None] | None = None) -> bool:
         """Write every changed agent's state in one transaction.
@@ -452,11 +539,10 @@ class AgentHost:
         for agent_id in merged:
             batch.save_state(agent_id, merged_bytes[agent_id])
         if dirty and self._replicating():
-            self._repl_seq += 1
-            stamp = _REPL_STAMP.pack(os.getpid(), self._repl_seq)
-            for agent_id, _ in dirty:
-                if agent_id not in merged_only:
-                    batch.put("repl", agent_id.encode(), stamp)
+            self._log_changes(batch, dirty, merged_only)
+        if dirty and not (self.replicate and self.deltas):
+            for _, agent in dirty:  # nothing ships deltas now: stop collecting them
+                agent._state.set_delta_tracking(False)
         if extra is not None:
             extra(batch)
         if not len(batch):
@@ -466,11 +552,15 @@ class AgentHost:
         except StoreError:
             log.exception("commit of %d agent states failed; reloading them", len(dirty))
             for agent_id, _ in dirty:
+                # Their deltas were taken: the reload logs their next change whole.
                 self.active.pop(agent_id, None)
                 self._last_used.pop(agent_id, None)
+                self._whole_next.discard(agent_id)
             return False  # merges are lost too: their senders get no ok and send again
-        for _, agent in dirty:
+        for agent_id, agent in dirty:
             agent._state.mark_clean()
+            if agent_id not in self.active:  # stopped in this batch
+                self._whole_next.discard(agent_id)
         for agent_id, state in merged.items():
             state.mark_clean()
             self._remember_replica(agent_id, state, merged_bytes[agent_id])

@@ -7,19 +7,44 @@ what it gets (the worker's reserved action ``_merge``), and merging the same
 state twice, or in any order, changes nothing.
 
 Shipping (eventual; the change log is a transactional outbox)
-    While the node has peers, every worker commit also writes the ids of the
-    agents it changed into the ``repl`` db, in the same LMDB transaction as
-    the states (value: a stamp unique to that commit). Each loop turn the
-    :class:`Replicator` reads up to ``batch`` logged ids, reads their
-    committed states and sends each alive member of the preference list
-    (except this node) one BATCH of ``_merge`` ASKs, over the peer DEALER the
-    membership protocol already uses. The receiving control process hands
-    the batch to its workers like any request; a worker merges and commits
-    before it answers. When every target answered ok, the log entry is
-    deleted if its stamp is unchanged (compare-and-delete: a commit made
-    meanwhile logged the agent again and is shipped again). No answer within
+    While the node has peers, every worker commit also writes an entry per
+    agent it changed into the ``repl`` db, in the same LMDB transaction as the
+    states (value: :mod:`workers.replog`, a stamp unique to that commit and
+    either the agent's delta, joined with the logged delta not shipped yet, or
+    a mark "ship the whole state"). Each loop turn the :class:`Replicator`
+    reads up to ``batch`` logged entries, reads the agents' committed states
+    and sends each alive member of the preference list (except this node) one
+    BATCH of ``_merge`` ASKs, over the peer DEALER the membership protocol
+    already uses. The receiving control process hands the batch to its workers
+    like any request; a worker merges and commits before it answers. When
+    every target answered ok, the log entry is deleted if its value is
+    unchanged (compare-and-delete: a commit made meanwhile logged the agent
+    again and is shipped again), at the next flush or before the replies that
+    waited for it are released, whichever comes first. No answer within
     ``timeout`` seconds: shipped again. A final error (the target does not
     know the agent type): counted and given up for that target.
+
+Deltas or whole states (``deltas``, the node option ``replication_deltas``)
+    A target gets the logged delta only when it is known to hold every change
+    of the agent logged before it: it answered ok to a shipment of the agent
+    (whole or delta) and, since, no shipment to it failed (no answer in time,
+    an error), it was a target of every shipment of the agent, the ring and
+    the membership (a node restarted, left, came back) did not change, and
+    this control process did not restart. Then the delta is all it lacks: the
+    entry holds the join of every delta logged since the last entry every
+    target acknowledged. Anything else gets the whole committed state: a
+    first shipment, a whole-state mark (a worker logs one when it does not
+    know the delta: the first change after an activation, or after a merge
+    changed the agent, whose merged part is in no delta; a failed commit
+    reloads its agents, so theirs too), a delta no smaller than the state,
+    and the ids that anti-entropy or a migration logs. What is known is kept
+    for ``in_sync_limit`` agents (least recently acknowledged forgotten).
+    Re-shipping a part a target holds is harmless (a join is idempotent). A
+    limit: an entry rewritten by every turn (writes to one agent pipelined
+    faster than its shipments are answered) is never deleted, so its delta
+    keeps the changes already shipped and grows toward the state; writers
+    that wait for their acknowledgement (``replication_ack=replicas``) see
+    the entry deleted before their next write.
 
 When a write is acknowledged (``replication_ack``)
     ``replicas`` (the default): the control process holds every reply a worker
@@ -66,7 +91,7 @@ import itertools
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,7 +118,15 @@ from ipc.protocol import (
     unpack,
 )
 from phoenix_node.state.store import Store, StoreError
-from workers.host import MERGE_ACTION, REPLICATE_KEY, error_payload
+from workers.host import (
+    MERGE_ACTION,
+    REPLICATE_DELTAS,
+    REPLICATE_KEY,
+    REPLICATE_OFF,
+    REPLICATE_WHOLE,
+    error_payload,
+)
+from workers.replog import entry_stamp, read_entry, whole_entry
 
 from ._corr import REPLICATOR, CorrIds
 from .service import ClusterService
@@ -119,12 +152,24 @@ def state_digest(state: bytes) -> bytes:
 
 @dataclass
 class _Flight:
-    """One logged change being shipped: the stamp read with it, the corr ids not answered."""
+    """One logged change being shipped: its log value (compare-and-delete) and stamp, the
+    corr ids not answered."""
 
     stamp: bytes
+    value: bytes
     deadline: float
     turn: int
     waiting: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Outbox:
+    """The ``_merge`` entries of one shipping turn for one target."""
+
+    hint: str = ""
+    entries: list[bytes] = field(default_factory=list)
+    deltas: int = 0
+    size: int = 0
 
 
 @dataclass
@@ -153,6 +198,8 @@ class Replicator:
         send: Callable[[list[bytes]], None] | None = None,
         batch: int = 256,
         timeout: float = 2.0,
+        deltas: bool = True,
+        in_sync_limit: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -165,10 +212,17 @@ class Replicator:
         self.anti_entropy_interval = anti_entropy_interval
         self.batch = batch
         self.timeout = timeout
+        self.deltas = deltas
         self._clock = clock
         self._flag: bool | None = None
         self._flights: dict[str, _Flight] = {}
-        self._corrs: dict[int, str] = {}  # corr of a _merge ASK -> agent id
+        self._corrs: dict[int, tuple[str, str]] = {}  # corr of a _merge ASK -> agent, target
+        # agent id -> the targets known to hold every change of it logged so far (they
+        # answered ok to a shipment, and every later one): they get deltas. LRU, bounded;
+        # forgotten on a ring or membership change (module docstring).
+        self._in_sync: OrderedDict[str, set[str]] = OrderedDict()
+        self.in_sync_limit = in_sync_limit
+        self._view = cluster.changes
         self._digest_corrs: dict[int, str] = {}  # corr of a digest ADMIN -> peer address
         self.ids = CorrIds(REPLICATOR)
         self._ring = cluster.ring
@@ -184,7 +238,10 @@ class Replicator:
         self._waiting: dict[str, list[_Group]] = {}  # agent id -> groups waiting on it
         self.held = 0  # replies held now
         self.hold_timeouts = 0  # replies released as UNAVAILABLE
-        self.shipped = 0  # states sent (one per target)
+        self.shipped = 0  # records sent (one per target): deltas + whole states
+        self.deltas_shipped = 0
+        self.states_shipped = 0
+        self.bytes_shipped = 0  # of the _merge entries sent (records and entry headers)
         self.acked = 0  # logged changes on every target
         self.rejected = 0  # final errors from a target
         self.expired = 0  # flights without every answer in time
@@ -237,6 +294,7 @@ class Replicator:
         self._set_flag(not alone)
         if alone:
             self._release_all()  # no replica to wait for
+            self._in_sync.clear()
             return
         if self.cluster.ring is not self._ring:
             self._ring = self.cluster.ring
@@ -244,6 +302,10 @@ class Replicator:
             # The targets changed: a flight to a node now gone would hold its replies
             # until it times out. Ship every one again, now, to the new targets.
             self._expire(math.inf, count=False)
+            self._in_sync.clear()
+        if self.cluster.changes != self._view:
+            self._view = self.cluster.changes  # a node restarted, left, came back
+            self._in_sync.clear()
         self._expire(now)
         self._expire_groups(now)
         if self._open:
@@ -302,6 +364,10 @@ class Replicator:
             "pending": self._log_size(),
             "in_flight": len(self._flights),
             "shipped": self.shipped,
+            "deltas_shipped": self.deltas_shipped,
+            "states_shipped": self.states_shipped,
+            "bytes_shipped": self.bytes_shipped,
+            "in_sync": len(self._in_sync),
             "acked": self.acked,
             "rejected": self.rejected,
             "expired": self.expired,
@@ -321,69 +387,119 @@ class Replicator:
         return [address for address in prefs if address != me]
 
     def _ship(self, now: float) -> None:
-        groups: dict[str, list[bytes]] = {}
-        hints: dict[str, str] = {}
         finished: list[tuple[bytes, bytes]] = []
         taken: list[tuple[bytes, bytes, str]] = []
-        for key, stamp in self._read_log():
+        for key, value in self._read_log():
             agent_id = key.decode(errors="replace")
             if agent_id in self._flights:
                 continue
             if len(taken) >= self.batch:
                 break
-            taken.append((key, stamp, agent_id))
+            taken.append((key, value, agent_id))
         if not taken:
             return
         states = self.store.load_states([agent_id for _, _, agent_id in taken])
-        for key, stamp, agent_id in taken:
+        outboxes: dict[str, _Outbox] = {}
+        for key, value, agent_id in taken:
             state = states.get(agent_id)
             targets = self._targets(agent_id)
             if state is None or not targets:
-                finished.append((key, stamp))  # nothing to ship, or no one to ship to
+                finished.append((key, value))  # nothing to ship, or no one to ship to
                 continue
-            flight = self._flights[agent_id] = _Flight(stamp, now + self.timeout, self._turn)
+            stamp, delta = read_entry(value)
+            if not self.deltas or (delta is not None and len(delta) >= len(state)):
+                delta = None  # a delta no smaller than the state: ship the state
+            known = self._known(agent_id, targets)
+            flight = _Flight(stamp, value, now + self.timeout, self._turn)
+            self._flights[agent_id] = flight
             for target in targets:
+                record = delta if delta is not None and target in known else state
                 corr = self.ids.next()
                 flight.waiting.add(corr)
-                self._corrs[corr] = agent_id
-                entry = encode_entry(ASK, corr, agent_id, MERGE_ACTION, 0, None, state)
-                groups.setdefault(target, []).append(entry)
-                hints[target] = agent_id
-        for target, entries in groups.items():
-            frames = [b"", encode_batch_header(None, hints[target]), join_entries(entries)]
-            if self.cluster.forward(target, frames):
-                self.shipped += len(entries)
+                self._corrs[corr] = (agent_id, target)
+                entry = encode_entry(ASK, corr, agent_id, MERGE_ACTION, 0, None, record)
+                box = outboxes.setdefault(target, _Outbox(agent_id))
+                box.entries.append(entry)
+                box.deltas += record is delta
+                box.size += len(entry)
+        self._send_outboxes(outboxes)
         self._delete(finished)
-        for key, stamp in finished:
-            self._covered(key.decode(errors="replace"), stamp, self._turn)
+        for key, value in finished:
+            self._covered(key.decode(errors="replace"), entry_stamp(value), self._turn)
+
+    def _known(self, agent_id: str, targets: list[str]) -> set[str]:
+        """The targets of ``agent_id`` that hold every change of it logged so far: a
+        delta is all they lack. A node that is no longer a target misses this shipment
+        and is forgotten (it gets the whole state when it is one again)."""
+        known = self._in_sync.get(agent_id)
+        if known is None:
+            return set()
+        known.intersection_update(targets)
+        return known
+
+    def _send_outboxes(self, outboxes: dict[str, _Outbox]) -> None:
+        for target, box in outboxes.items():
+            header = encode_batch_header(None, box.hint)
+            if self.cluster.forward(target, [b"", header, join_entries(box.entries)]):
+                self.shipped += len(box.entries)
+                self.deltas_shipped += box.deltas
+                self.states_shipped += len(box.entries) - box.deltas
+                self.bytes_shipped += box.size
 
     def _on_result(self, corr: int, status: int) -> None:
         """One answer of a replica; a flight answered by every target is done: its log
         entry is deleted at the next flush if unchanged (:meth:`_flush_done`)."""
-        agent_id = self._corrs.pop(corr, None)
-        if agent_id is None:
+        pair = self._corrs.pop(corr, None)
+        if pair is None:
             return  # a late answer to an expired flight
+        agent_id, target = pair
         flight = self._flights.get(agent_id)
         if flight is None:
             return
         if status in RETRYABLE:
-            return  # shipped again once the flight expires
+            return  # shipped again once the flight expires (and the target forgotten)
         if status != 0:
             self.rejected += 1
+            self._forget(agent_id, target)
             log.warning("a replica refused the state of %s (status %d)", agent_id, status)
+        else:
+            self._learn(agent_id, target)
         flight.waiting.discard(corr)
         if not flight.waiting:
             del self._flights[agent_id]
             self.acked += 1
-            self._done[agent_id.encode()] = flight.stamp
+            self._done[agent_id.encode()] = flight.value
             self._covered(agent_id, flight.stamp, flight.turn)
+
+    def _learn(self, agent_id: str, target: str) -> None:
+        """``target`` merged a shipment of ``agent_id``: it holds every logged change."""
+        known = self._in_sync.get(agent_id)
+        if known is None:
+            known = self._in_sync[agent_id] = set()
+            while len(self._in_sync) > self.in_sync_limit:
+                self._in_sync.popitem(last=False)
+        else:
+            self._in_sync.move_to_end(agent_id)
+        known.add(target)
+
+    def _forget(self, agent_id: str, target: str | None = None) -> None:
+        """``target`` (None: every node) may lack a change of ``agent_id``: whole state next."""
+        known = self._in_sync.get(agent_id)
+        if known is None:
+            return
+        if target is None:
+            del self._in_sync[agent_id]
+        else:
+            known.discard(target)
 
     def _expire(self, now: float, count: bool = True) -> None:
         late = [a for a, f in self._flights.items() if f.deadline <= now]
         for agent_id in late:
             flight = self._flights.pop(agent_id)
             for corr in flight.waiting:
-                self._corrs.pop(corr, None)
+                pair = self._corrs.pop(corr, None)
+                if pair is not None:
+                    self._forget(*pair)  # it may have missed this shipment
         if count:
             self.expired += len(late)
 
@@ -392,7 +508,7 @@ class Replicator:
     def _group(self, now: float) -> None:
         """Close the open replies into a group waiting for everything logged now."""
         replies, self._open = self._open, []
-        waits = {key.decode(errors="replace"): stamp for key, stamp in self._read_log()}
+        waits = {key.decode(errors="replace"): entry_stamp(v) for key, v in self._read_log()}
         group = _Group(replies, self._turn, now + self.hold_timeout, waits)
         if not waits:
             self._release(group)
@@ -421,6 +537,11 @@ class Replicator:
             self._waiting[agent_id] = still
 
     def _release(self, group: _Group) -> None:
+        if self._done:
+            # Its client may write the same agents as soon as it hears: delete their
+            # shipped entries first, so that the commit starts a fresh delta instead
+            # of joining one the replicas hold already (and re-shipping it).
+            self._flush_done(self._clock())
         group.done = True
         self.held -= len(group.replies)
         for frames in group.replies:
@@ -496,7 +617,8 @@ class Replicator:
         if self._flag is on:
             return
         batch = self.store.batch()
-        batch.put("meta", REPLICATE_KEY, b"1" if on else b"0")
+        flag = (REPLICATE_DELTAS if self.deltas else REPLICATE_WHOLE) if on else REPLICATE_OFF
+        batch.put("meta", REPLICATE_KEY, flag)
         try:
             self.store.commit(batch)
             self._flag = on
@@ -504,19 +626,23 @@ class Replicator:
             log.error("cannot switch replication logging %s: %s", "on" if on else "off", exc)
 
     def _log(self, agent_ids: list[str]) -> None:
+        """Log ``agent_ids`` for a whole-state shipment to every target (a repair, a
+        migrated agent): a worker that commits one of them meanwhile may overwrite the
+        mark with a delta, so the targets are forgotten here too."""
         if not agent_ids:
             return
         batch = self.store.batch()
-        stamp = b"ae%d" % self.ids.next()
+        value = whole_entry(b"ae%d" % self.ids.next())
         for agent_id in agent_ids:
-            batch.put("repl", agent_id.encode(), stamp)
+            self._forget(agent_id)
+            batch.put("repl", agent_id.encode(), value)
         try:
             self.store.commit(batch)
         except StoreError as exc:
             log.error("cannot log %d agents for replication: %s", len(agent_ids), exc)
 
     def _read_log(self) -> Iterator[tuple[bytes, bytes]]:
-        """The logged (agent id, stamp) entries not yet replicated."""
+        """The logged (agent id, log value) entries not yet replicated."""
         done = self._done
         for key, stamp in self.store.iter_items("repl"):
             if done.get(key) != stamp:

@@ -99,6 +99,9 @@ class ClusterService:
         self.forwarded = 0
         self.unreachable = 0
         self.bad_messages = 0
+        #: membership events so far (a node joined, changed state, left, restarted):
+        #: whoever keeps facts about other nodes' data compares it to see a change
+        self.changes = 0
         self._rebuild()
 
     # --- the loop's calls -----------------------------------------------------------------
@@ -237,6 +240,7 @@ class ClusterService:
         events = self.membership.events()
         if not events:
             return
+        self.changes += len(events)
         for event in events:
             log.info("member %s: %s -> %s", event.node, event.old, event.new)
         self._rebuild()

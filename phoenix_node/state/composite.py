@@ -195,14 +195,35 @@ class AgentState:
         """Record that the current state was saved."""
         self._dirty = False
 
+    @property
+    def tracks_deltas(self) -> bool:
+        """Whether mutations are collected for :meth:`take_delta`."""
+        return self._track
+
+    def set_delta_tracking(self, on: bool) -> None:
+        """Start or stop collecting deltas; either way the pending delta is dropped (a
+        delta taken afterwards holds only the changes made after this call)."""
+        self._delta.clear()
+        if on is self._track:
+            return
+        self._track = on
+        for name, value in list(self._fields.items()):
+            self._attach(name, value)
+
     def take_delta(self) -> AgentState | None:
-        """The join of every field delta since the last call, or None; resets it."""
+        """The join of every field delta since the last call, or None; resets it.
+
+        The delta is a partial state: only the changed fields, in the schema's order.
+        Its :meth:`encode` is a record of those fields; decoded with the schema, the
+        others start empty, so merging it into any state of the schema is the join.
+        """
         if not self._delta:
             return None
+        pending = self._delta
         delta = AgentState.__new__(AgentState)
         delta._schema = self._schema
         delta._track = False
-        delta._fields = dict(self._delta)
+        delta._fields = {name: pending[name] for name in self._schema.fields if name in pending}
         delta._delta = {}
         delta._extra = {}
         delta._dirty = False
@@ -246,9 +267,9 @@ class AgentState:
     # --- encoding ------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        """One canonical record holding every field."""
-        if not self._extra:
-            schema = self._schema
+        """One canonical record holding every field (a delta: every changed field)."""
+        schema = self._schema
+        if not self._extra and len(self._fields) == len(schema._prefixes):
             if len(schema._prefixes) == 1:
                 for value in self._fields.values():
                     return schema._head + schema._prefixes[0] + value._body_bytes()

@@ -27,6 +27,7 @@ def test_cluster_bench_runs_every_scenario_and_every_check_passes(
         "consistent_via_other_node": True,
         "replicated": True,
         "migration_exact": True,
+        "deltas_smaller": True,
     }
     assert report["replication_of_b"]["ack"] == "replicas"
     figures = report["figures"]
@@ -39,3 +40,7 @@ def test_cluster_bench_runs_every_scenario_and_every_check_passes(
     migration = report["migration"]
     assert migration["moves"] == 2 and migration["acked"] > 0 and migration["errors"] == 0
     assert migration["final"] == migration["acked"]
+    shipping = report["state_shipping"]
+    assert shipping["deltas"]["keys"] == shipping["whole"]["keys"] == 1000
+    assert shipping["deltas"]["deltas"] >= 19 and shipping["whole"]["deltas"] == 0
+    assert 0 < shipping["ratio"] < 0.5

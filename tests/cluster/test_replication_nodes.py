@@ -17,6 +17,7 @@ from phoenix_node.state.store import Store
 
 from ..conftest import kill_pids
 from .test_cluster_nodes import (
+    AGENTS,
     CLUSTER,
     StartNode,
     all_up,
@@ -295,3 +296,37 @@ def test_a_joining_node_takes_about_a_quarter_and_a_leaving_one_loses_nothing(
         c.tell_many([(k, "inc", {}) for k in taken], delivery="at_least_once")
         c.flush(timeout=30)
     assert counts(nodes[0], taken) == [4] * len(taken)
+
+
+@pytest.mark.timeout(120)
+def test_a_large_agent_replicates_by_deltas_a_small_part_of_its_state_per_write(
+    start_node: StartNode,
+) -> None:
+    """A map of 1,000 keys, one key changed per write: each write ships about the size of
+    one key to the replica, not the state; the replica ends equal to the owner."""
+    nodes = start_cluster(start_node, 2, agents=[*AGENTS, "bench.agents:Catalog"])
+    ring = Ring(dict.fromkeys((n.endpoint for n in nodes), 1.0))
+    agent = "Catalog/big"
+    owner = next(n for n in nodes if n.endpoint == ring.owner(agent))
+    replica = next(n for n in nodes if n is not owner)
+    writes = 60
+    with nodes[0].client(timeout=10) as c:
+        c.ask(agent, "fill", n=1000)
+        wait_for(lambda: settled(nodes), 20, "the filled map to reach the replica")
+        before = replication(owner)
+        for i in range(writes):  # each acknowledged once the replica holds it
+            c.ask(agent, "put", key=f"k{i * 7 % 1000}", value=f"changed {i}")
+    wait_for(lambda: settled(nodes), 20, "the writes to reach the replica")
+    after = replication(owner)
+    state = local_state(owner, agent)
+    assert state is not None and len(state) > 25_000
+    per_write = (after["bytes_shipped"] - before["bytes_shipped"]) / writes
+    deltas = after["deltas_shipped"] - before["deltas_shipped"]
+    print(
+        f"\nstate {len(state):,} bytes; {per_write:,.0f} bytes shipped per write; "
+        f"{deltas} of {after['shipped'] - before['shipped']} shipments were deltas"
+    )
+    assert deltas >= writes - 2, after  # the first write after an activation: whole
+    assert per_write < len(state) / 20, after
+    assert after["rejected"] == 0 and after["hold_timeouts"] == 0
+    assert local_state(replica, agent) == state  # the replica holds the owner's state

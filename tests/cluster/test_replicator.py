@@ -39,6 +39,7 @@ class FakeCluster:
         self.me = NodeId(ME, 1)
         self.ring = Ring({ME: 1.0, PEER: 1.0})
         self.sent: list[tuple[str, list[bytes]]] = []
+        self.changes = 0  # membership events
 
     def single(self) -> bool:
         return len(self.ring) <= 1

@@ -85,6 +85,8 @@ def test_status_prints_the_node_and_one_line_per_worker(node: Node) -> None:
     assert [(int(r[0]), int(r[1])) for r in rows] == [
         (w["index"], w["pid"]) for w in status["workers"]
     ]
+    repl = [line for line in lines if line.startswith("replication: ")]
+    assert len(repl) == 1 and "deltas" in repl[0] and "whole states" in repl[0], lines
 
 
 @pytest.mark.timeout(60)

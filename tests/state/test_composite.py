@@ -101,6 +101,100 @@ def test_dirty_flag_and_deltas() -> None:
     assert not state.dirty
 
 
+def _apply(state: AgentState, op: tuple[str, int]) -> None:
+    name, n = op
+    if name == "hits":
+        state["hits"].increment("r#1", n)
+    elif name == "tags":
+        state["tags"].add("r#1", f"t{n % 4}")
+    elif name == "untag":
+        state["tags"].remove(f"t{n % 4}")
+    else:
+        state["config"].put("r#1", f"k{n % 4}", n)
+
+
+@pytest.mark.timeout(30)
+def test_a_delta_of_some_fields_encodes_as_a_record_of_those_fields() -> None:
+    state = SCHEMA.new_state()
+    state["config"].put("r#1", "big", "x" * 100)
+    state.take_delta()
+    state["hits"].increment("r#1", 3)
+    delta = state.take_delta()
+    assert delta is not None and list(delta) == ["hits"]
+    data = delta.encode()
+    assert data == _generic_encoding(delta)  # canonical, the one changed field alone
+    assert len(data) < len(state.encode()) - 100
+    decoded = SCHEMA.decode(data)  # the other fields start empty
+    assert decoded.value == {"config": {}, "hits": 3, "tags": frozenset()}
+
+
+@pytest.mark.timeout(30)
+def test_a_delta_of_every_field_keeps_the_schema_order_whatever_the_mutation_order() -> None:
+    state = SCHEMA.new_state()
+    state["tags"].add("r#1", "x")  # mutated in an order unlike the field order
+    state["config"].put("r#1", "k", 1)
+    state["hits"].increment("r#1", 2)
+    delta = state.take_delta()
+    assert delta is not None and list(delta) == ["config", "hits", "tags"]
+    assert delta.encode() == _generic_encoding(delta)
+    assert SCHEMA.decode(delta.encode()) == state
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(st.sampled_from(["hits", "tags", "untag", "config"]), st.integers(0, 9)),
+            max_size=6,
+        ),
+        max_size=8,
+    )
+)
+def test_decoded_deltas_merged_into_a_full_state_give_the_owners_state(
+    rounds: list[list[tuple[str, int]]],
+) -> None:
+    """The replica holds the owner's state as of some earlier point; merging the decoded
+    encodings of the deltas taken since (each round's, or their join) is the owner's."""
+    owner = SCHEMA.new_state()
+    replica = SCHEMA.new_state()
+    joined: AgentState | None = None
+    for ops in rounds:
+        for op in ops:
+            _apply(owner, op)
+        delta = owner.take_delta()
+        if delta is None:
+            continue
+        replica.merge_in(SCHEMA.decode(delta.encode(), track_deltas=False))
+        if joined is None:
+            joined = SCHEMA.decode(delta.encode(), track_deltas=False)
+        else:  # the join of logged deltas, as a worker keeps it between shipments
+            joined.merge_in(SCHEMA.decode(delta.encode(), track_deltas=False))
+            joined = SCHEMA.decode(joined.encode(), track_deltas=False)
+    assert replica == owner
+    at_once = SCHEMA.new_state()
+    if joined is not None:
+        at_once.merge_in(joined)
+    assert at_once == owner
+
+
+@pytest.mark.timeout(30)
+def test_delta_tracking_can_be_switched_and_drops_what_is_pending() -> None:
+    state = SCHEMA.new_state(track_deltas=False)
+    assert not state.tracks_deltas
+    state["hits"].increment("r#1", 1)
+    state.set_delta_tracking(True)  # the change before is in no delta
+    assert state.tracks_deltas and state.take_delta() is None
+    state["hits"].increment("r#1", 2)
+    delta = state.take_delta()
+    assert delta is not None and delta.value == {"hits": 3}  # the field's state, r#1 = 3
+    state["tags"].add("r#1", "x")
+    state.set_delta_tracking(False)  # stopping drops the pending delta, keeps the state
+    assert not state.tracks_deltas and state.take_delta() is None
+    state["tags"].add("r#1", "y")
+    assert state.take_delta() is None and state.value["tags"] == {"x", "y"} and state.dirty
+
+
 def test_untracked_state_keeps_only_the_dirty_flag() -> None:
     state = SCHEMA.new_state(track_deltas=False)
     state["hits"].increment("r#1")

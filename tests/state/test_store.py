@@ -627,3 +627,17 @@ def test_delete_if_deletes_only_keys_still_holding_the_value_read(store: Store) 
     assert store.delete_if("repl", []) == 0
     with pytest.raises(InvalidValueError):
         store.delete_if("repl", [(b"", b"1")])
+
+
+@pytest.mark.timeout(30)
+def test_get_many_reads_the_present_keys_of_one_db(store: Store) -> None:
+    with store.batch() as b:
+        b.put("repl", b"a", b"1")
+        b.put("repl", b"b", b"2")
+        b.put("meta", b"c", b"3")
+    assert store.get_many("repl", [b"a", b"c", b"b"]) == {b"a": b"1", b"b": b"2"}
+    assert store.get_many("repl", []) == {}
+    with pytest.raises(InvalidValueError):
+        store.get_many("repl", [b""])
+    with pytest.raises(InvalidValueError):
+        store.get_many("nope", [b"a"])

@@ -11,10 +11,11 @@ import pytest
 
 from ipc.protocol import TELL, ErrorCode, pack, unpack
 from phoenix_node.demo import Counter
-from phoenix_node.state import GCounter, StoreWriteError
+from phoenix_node.state import GCounter, LWWMap, StoreError, StoreWriteError
 from phoenix_node.state.store import Store
 from workers.agent import Agent, action
-from workers.host import AgentHost
+from workers.host import REPLICATE_DELTAS, REPLICATE_KEY, REPLICATE_OFF, REPLICATE_WHOLE, AgentHost
+from workers.replog import delta_entry, read_entry
 
 EVENTS: list[tuple[Any, ...]] = []
 
@@ -82,6 +83,26 @@ class Quick(Probe):
     idle_timeout = 1.0
 
 
+class Shelf(Agent):
+    """A map and a counter: a large state whose writes change a small part of it."""
+
+    items = LWWMap()
+    hits = GCounter()
+
+    @action
+    def put(self, key: str, value: Any) -> None:
+        self.items.put(self.replica, key, value)
+
+    @action
+    def fill(self, n: int) -> None:
+        for i in range(n):
+            self.items.put(self.replica, f"k{i}", "v" * 20)
+
+    @action
+    def hit(self) -> None:
+        self.hits.increment(self.replica)
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -90,7 +111,12 @@ class FakeClock:
         return self.now
 
 
-TYPES: dict[str, type[Agent]] = {"Probe": Probe, "Quick": Quick, "Counter": Counter}
+TYPES: dict[str, type[Agent]] = {
+    "Probe": Probe,
+    "Quick": Quick,
+    "Counter": Counter,
+    "Shelf": Shelf,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -585,3 +611,239 @@ def test_the_replica_cache_is_bounded_and_a_failed_commit_forgets_its_merges(
     assert host.handle("Probe/b", "_merge", _probe_state("other:0", 4)) == (0, True)
     assert host.commit()
     assert _hits(store.load_state("Probe/b")) == 4
+
+
+# --- replication: deltas in the change log --------------------------------------------------
+
+SHELF = Shelf.__phoenix_schema__
+
+
+def set_replication(host: AgentHost, store: Store, flag: bytes) -> None:
+    """What the control process does when the node gains or loses peers."""
+    with store.batch() as b:
+        b.put("meta", REPLICATE_KEY, flag)
+    host._replicate_checked = -10.0
+    host._replicating()  # read now (a worker reads it at a commit, at most every 0.2 s)
+
+
+def logged(store: Store, agent_id: str) -> tuple[bytes, dict[str, Any] | None]:
+    """The logged stamp and the logged delta's value (None: whole-state mark)."""
+    value = store.get("repl", agent_id.encode())
+    assert value is not None, f"{agent_id} is not logged"
+    stamp, delta = read_entry(value)
+    return stamp, None if delta is None else SHELF.decode(delta).value
+
+
+def shipped(store: Store, agent_id: str) -> None:
+    """The control shipped the entry to every replica and deleted it."""
+    value = store.get("repl", agent_id.encode())
+    assert value is not None
+    assert store.delete_if("repl", [(agent_id.encode(), value)]) == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_commit_logs_the_delta_and_joins_it_with_the_one_not_shipped_yet(
+    host: AgentHost, store: Store
+) -> None:
+    set_replication(host, store, REPLICATE_DELTAS)
+    ask(host, "Shelf/s", "fill", n=100)
+    assert host.commit()
+    _, delta = logged(store, "Shelf/s")
+    assert delta is None  # activated here: the first change ships the whole state
+    shipped(store, "Shelf/s")
+    ask(host, "Shelf/s", "put", key="k1", value="one")
+    assert host.commit()
+    first, delta = logged(store, "Shelf/s")
+    assert delta == {"items": {"k1": "one"}, "hits": 0}  # what changed, not the 100 keys
+    ask(host, "Shelf/s", "put", key="k2", value="two")  # before the first was shipped
+    ask(host, "Shelf/s", "hit")
+    assert host.commit()
+    second, delta = logged(store, "Shelf/s")
+    assert second != first  # a new value: the control's compare-and-delete keeps it
+    assert delta == {"items": {"k1": "one", "k2": "two"}, "hits": 1}  # both commits
+    raw = store.get("repl", b"Shelf/s")
+    state = store.load_state("Shelf/s")
+    assert raw is not None and state is not None and len(raw) < len(state) / 10
+
+
+@pytest.mark.timeout(30)
+def test_agents_active_before_replication_or_changed_by_a_merge_log_the_whole_state(
+    host: AgentHost, store: Store
+) -> None:
+    ask(host, "Shelf/early", "put", key="a", value=1)
+    assert host.commit()
+    assert not host.active["Shelf/early"]._state.tracks_deltas  # alone: no delta cost
+    assert list(store.iter_items("repl")) == []
+    set_replication(host, store, REPLICATE_DELTAS)
+    ask(host, "Shelf/early", "put", key="b", value=2)
+    assert host.commit()
+    assert logged(store, "Shelf/early")[1] is None  # its delta since activation: unknown
+    shipped(store, "Shelf/early")
+    ask(host, "Shelf/early", "put", key="c", value=3)
+    assert host.commit()
+    assert logged(store, "Shelf/early")[1] == {"items": {"c": 3}, "hits": 0}
+    shipped(store, "Shelf/early")
+    other = SHELF.new_state(track_deltas=False)
+    other["items"].put("other:0", "m", "merged")
+    assert host.handle("Shelf/early", "_merge", other.encode()) == (0, True)
+    ask(host, "Shelf/early", "put", key="d", value=4)
+    assert host.commit()
+    assert logged(store, "Shelf/early")[1] is None  # the merged key is in no delta
+    shipped(store, "Shelf/early")
+    ask(host, "Shelf/early", "put", key="e", value=5)
+    assert host.commit()
+    assert logged(store, "Shelf/early")[1] == {"items": {"e": 5}, "hits": 0}
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_commit_loses_no_delta_the_next_change_ships_the_whole_state(
+    host: AgentHost, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_replication(host, store, REPLICATE_DELTAS)
+    ask(host, "Shelf/f", "put", key="a", value=1)
+    assert host.commit()
+    shipped(store, "Shelf/f")
+    ask(host, "Shelf/f", "put", key="b", value=2)
+    assert host.commit()  # logged: a delta with b
+    ask(host, "Shelf/f", "put", key="c", value=3)
+
+    def fail(self: Store, batch: Any) -> None:
+        raise StoreWriteError("disk full (simulated)")
+
+    monkeypatch.setattr(Store, "commit", fail)
+    assert not host.commit()  # c is lost (its client hears STORE_FAILED), b still logged
+    monkeypatch.undo()
+    assert logged(store, "Shelf/f")[1] == {"items": {"b": 2}, "hits": 0}
+    ask(host, "Shelf/f", "put", key="d", value=4)  # reloaded from the store
+    assert host.commit()
+    assert logged(store, "Shelf/f")[1] is None  # the whole state: b and d both shipped
+    assert SHELF.decode(store.load_state("Shelf/f") or b"").value["items"] == {
+        "a": 1,
+        "b": 2,
+        "d": 4,
+    }
+
+
+@pytest.mark.timeout(30)
+def test_a_log_entry_that_cannot_be_read_or_joined_becomes_a_whole_state_mark(
+    host: AgentHost, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_replication(host, store, REPLICATE_DELTAS)
+    for key in ("x", "y"):
+        ask(host, f"Shelf/{key}", "put", key="a", value=1)
+    assert host.commit()
+    with store.batch() as b:  # y's logged delta is damaged
+        b.put("repl", b"Shelf/y", delta_entry(b"s1", b"\x93\x01"))
+    shipped(store, "Shelf/x")
+    ask(host, "Shelf/x", "put", key="b", value=2)
+    ask(host, "Shelf/y", "put", key="b", value=2)
+    assert host.commit()
+    assert logged(store, "Shelf/x")[1] == {"items": {"b": 2}, "hits": 0}
+    assert logged(store, "Shelf/y")[1] is None
+    shipped(store, "Shelf/x")
+    ask(host, "Shelf/x", "put", key="c", value=3)
+
+    def unreadable(self: Store, db: str, keys: Any) -> dict[bytes, bytes]:
+        raise StoreError("read failed (simulated)")
+
+    monkeypatch.setattr(Store, "get_many", unreadable)
+    assert host.commit()  # the state is committed all the same
+    assert logged(store, "Shelf/x")[1] is None
+
+
+@pytest.mark.timeout(30)
+def test_whole_state_replication_and_no_replication_track_no_deltas(
+    host: AgentHost, store: Store
+) -> None:
+    set_replication(host, store, REPLICATE_WHOLE)  # replication_deltas off
+    ask(host, "Shelf/w", "put", key="a", value=1)
+    assert host.commit()
+    assert logged(store, "Shelf/w")[1] is None
+    assert not host.active["Shelf/w"]._state.tracks_deltas
+    set_replication(host, store, REPLICATE_DELTAS)
+    ask(host, "Shelf/w", "put", key="b", value=2)
+    assert host.commit()
+    assert host.active["Shelf/w"]._state.tracks_deltas
+    set_replication(host, store, REPLICATE_OFF)  # alone again: tracking stops
+    ask(host, "Shelf/w", "put", key="c", value=3)
+    assert host.commit()
+    assert not host.active["Shelf/w"]._state.tracks_deltas
+
+
+def _shelf_record(**items: Any) -> bytes:
+    state = SHELF.new_state(track_deltas=False)
+    for key, value in items.items():
+        state["items"].put("owner:0", key, value)
+    return state.encode()
+
+
+def _shelf_delta(state: Any, **items: Any) -> bytes:
+    for key, value in items.items():
+        state["items"].put("owner:0", key, value)
+    delta = state.take_delta()
+    assert delta is not None
+    data: bytes = delta.encode()
+    return data
+
+
+@pytest.mark.timeout(30)
+def test_merged_deltas_join_the_stored_state_and_the_cache_holds_the_join(
+    host: AgentHost, store: Store
+) -> None:
+    owner = SHELF.new_state()
+    base = _shelf_delta(owner, **{f"k{i}": i for i in range(10)})
+    assert host.handle("Shelf/r", "_merge", owner.encode()) == (0, True)  # whole first
+    assert host.commit()
+    d1 = _shelf_delta(owner, k10=10)
+    d2 = _shelf_delta(owner, k11=11)
+    assert len(d1) < len(owner.encode()) / 3
+    assert host.handle("Shelf/r", "_merge", d1) == (0, True)
+    assert host.commit()
+    assert host.handle("Shelf/r", "_merge", d2) == (0, True)  # from the kept state
+    assert host.handle("Shelf/r", "_merge", d1) == (0, False)  # again: nothing new
+    assert host.commit()
+    assert store.load_state("Shelf/r") == owner.encode()  # the join, not the last delta
+    code, _ = ask(host, "Shelf/r", "hit")  # activated from the kept state
+    assert code == 0 and host.active["Shelf/r"]._state.value["items"] == owner.value["items"]
+    assert base  # the first ten keys came with the whole state
+
+
+@pytest.mark.timeout(30)
+def test_a_delta_equal_in_bytes_to_the_stored_state_changes_nothing_and_is_not_kept_as_it(
+    host: AgentHost, store: Store
+) -> None:
+    record = _shelf_record(a=1)
+    assert host.handle("Shelf/e", "_merge", record) == (0, True)
+    assert host.commit()
+    owner = SHELF.new_state()
+    owner["items"].merge_in(SHELF.decode(record)["items"])
+    delta = _shelf_delta(owner, b=2)  # a delta of the one field
+    assert host.handle("Shelf/e", "_merge", delta) == (0, True)
+    assert host.commit()
+    assert host.handle("Shelf/e", "_merge", delta) == (0, False)  # cached path
+    stored = store.load_state("Shelf/e")
+    assert stored is not None
+    host._replicas.clear()
+    assert host.handle("Shelf/e", "_merge", stored) == (0, False)  # equal bytes, no decode
+    assert "Shelf/e" not in host._replicas
+    assert host.handle("Shelf/e", "_merge", _shelf_delta(owner, c=3)) == (0, True)
+    assert host.commit()
+    assert SHELF.decode(store.load_state("Shelf/e") or b"").value["items"] == {
+        "a": 1,
+        "b": 2,
+        "c": 3,
+    }
+
+
+@pytest.mark.timeout(30)
+def test_an_agent_merged_into_then_written_in_one_batch_is_logged(
+    host: AgentHost, store: Store
+) -> None:
+    set_replication(host, store, REPLICATE_WHOLE)
+    ask(host, "Probe/mw", "hit")
+    assert host.commit()
+    shipped(store, "Probe/mw")
+    assert host.handle("Probe/mw", "_merge", _probe_state("other:0", 5)) == (0, True)
+    assert ask(host, "Probe/mw", "hit") == (0, 7)  # a write after the merge, same batch
+    assert host.commit()
+    assert store.get("repl", b"Probe/mw") is not None  # shipped: the write reaches replicas
