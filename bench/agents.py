@@ -11,6 +11,8 @@ its import path (the bench starts it from there).
   writes are present (not only how many).
 - :class:`Catalog`: a last-writer-wins map that grows large (``fill``) while each
   ``put`` changes one key: what replication by deltas is for.
+- :class:`Fanout`: sends tells from inside its action (agent-to-agent messages,
+  to agents of its own node or of another one).
 - :class:`Slow`: an action that sleeps ~1 ms (about 1,000 messages/s per
   worker), the target of the overload scenario. Its mailbox is small on
   purpose, so that the memory bound it sets is easy to see.
@@ -24,7 +26,7 @@ from typing import Any
 from phoenix_node.state import GCounter, GSet, LWWMap
 from workers.agent import Agent, action
 
-__all__ = ["SLOW_MAILBOX", "Catalog", "Journal", "Listener", "Slow", "Tally"]
+__all__ = ["SLOW_MAILBOX", "Catalog", "Fanout", "Journal", "Listener", "Slow", "Tally"]
 
 #: the mailbox of every Slow agent: reject (BACKPRESSURE) once 1,000 messages wait
 SLOW_MAILBOX = {"capacity": 1000, "low_watermark": 500, "strategy": "reject"}
@@ -80,6 +82,17 @@ class Catalog(Agent):
     @action
     def size(self) -> int:
         return len(self.items)
+
+
+class Fanout(Agent):
+    """``send(targets, n, guarantee)`` tells each target ``inc`` ``n`` times."""
+
+    @action
+    def send(self, targets: list[str], n: int = 1, guarantee: str = "at_least_once") -> int:
+        for _ in range(n):
+            for target in targets:
+                self.tell(target, "inc", delivery=guarantee)
+        return n * len(targets)
 
 
 class Listener(Agent):

@@ -23,6 +23,9 @@ node joins two (the ring, and the same check on the live members' ring);
 client (of node A) sends it pipelined ``inc`` asks without pause: the time each move
 takes (from the request to the answer), the requests that waited during moves, and
 the final count against the acknowledged asks (none lost, none counted twice);
+**agent_tells** a Fanout agent of node A sends ``--tells`` at-least-once tells
+(10 per target per action) to Tally agents of A, then to agents of B: the rate from
+the first send until every tell ran (read back), and the cross/local ratio;
 **state_shipping** bytes shipped to the replica per write of a large agent (a map
 of ``--keys`` keys of 20-byte values, one key changed per write, ``--writes``
 writes, one at a time) with deltas (nodes A and B) and, in the same run, with
@@ -66,16 +69,16 @@ from phoenix_node.cluster.ring import Ring, moved  # noqa: E402
 
 __all__ = ["TARGETS", "main", "run_bench"]
 
-AGENTS = ["bench.agents:Tally", "bench.agents:Catalog"]
+AGENTS = ["bench.agents:Tally", "bench.agents:Catalog", "bench.agents:Fanout"]
 CHUNK = 100
 TARGETS = {"asks_cross": ("raw_rt100", 0.3), "reads_cross": ("raw_rt100", 0.3)}
 
 
 def _node(tmp: str, name: str, **settings: Any) -> Node:
+    settings.setdefault("durability", "durable")
     return Node(
-        workers=1, agents=AGENTS, entry_points=False, durability="durable",
-        data=os.path.join(tmp, name), **settings,
-    ).start()  # fmt: skip
+        workers=1, agents=AGENTS, entry_points=False, data=os.path.join(tmp, name), **settings
+    ).start()
 
 
 def _states(node: Node) -> dict[str, str]:
@@ -213,6 +216,39 @@ def migration(a: Node, b: Node, moves: int) -> dict[str, Any]:
     }
 
 
+def agent_tells(a: Node, b: Node, tells: int) -> dict[str, Any]:
+    """An agent of node A tells (at least once) Tally agents of node A, then, in the same
+    run, agents of node B: the rate from the first send until every tell has run (read
+    back from the targets), and the cross-node share of the local rate."""
+    ring = Ring({a.endpoint: 1.0, b.endpoint: 1.0})
+    sender = next(f"Fanout/s{i}" for i in range(1000) if ring.owner(f"Fanout/s{i}") == a.endpoint)
+    ids = [f"Tally/fan{i}" for i in range(400)]
+    per_ask, width = 10, 10  # each send: 10 tells to each of 10 targets
+    rounds = max(1, tells // (per_ask * width))
+    result: dict[str, Any] = {"tells": rounds * per_ask * width}
+    with a.client(timeout=60) as c:
+        for name, node in (("local", a), ("cross", b)):
+            targets = [k for k in ids if ring.owner(k) == node.endpoint][:width]
+            before = sum(c.ask_many([(k, "get", {}) for k in targets], timeout=60))
+            want = before + rounds * per_ask * width
+            t0 = time.perf_counter()
+            sent = c.ask_many([(sender, "send", {"targets": targets, "n": per_ask})] * rounds)
+            failed = [r for r in sent if not isinstance(r, int)]
+            if failed:
+                raise RuntimeError(f"{len(failed)} sends failed, the first: {failed[0]}")
+
+            def done(targets: list[str] = targets, want: int = want) -> bool:
+                return sum(c.ask_many([(k, "get", {}) for k in targets], timeout=60)) >= want
+
+            _wait(done, 120, f"every {name} tell to run")
+            dt = time.perf_counter() - t0
+            total = sum(c.ask_many([(k, "get", {}) for k in targets], timeout=60))
+            result[name] = {"rate": (want - before) / dt, "exact": total == want}
+    result["ratio"] = result["cross"]["rate"] / result["local"]["rate"]
+    result["exact"] = result["local"]["exact"] and result["cross"]["exact"]
+    return result
+
+
 def _replication(node: Node) -> dict[str, Any]:
     with node.client(timeout=10) as c:
         status: dict[str, Any] = c.cluster_status()["replication"]
@@ -270,15 +306,16 @@ def state_shipping(tmp: str, a: Node, b: Node, keys: int, writes: int) -> dict[s
 
 def run_bench(
     seconds: float, repeat: int, kills: int, say: Any = None, ack: str = "replicas",
-    moves: int = 20, keys: int = 1000, writes: int = 200,
+    moves: int = 20, keys: int = 1000, writes: int = 200, tells: int = 20_000,
+    durability: str = "durable",
 ) -> dict[str, Any]:  # fmt: skip
     say = say or (lambda _m: None)
     import tempfile
 
     tmp = tempfile.mkdtemp(prefix="phoenix-cluster-bench-")
     samples: dict[str, list[dict[str, Any]]] = {}
-    a = _node(tmp, "a", replication_ack=ack)
-    b = _node(tmp, "b", seeds=[a.endpoint], replication_ack=ack)
+    a = _node(tmp, "a", replication_ack=ack, durability=durability)
+    b = _node(tmp, "b", seeds=[a.endpoint], replication_ack=ack, durability=durability)
     try:
         _wait(lambda: _all_up([a, b]), 30, "two nodes up")
         ring = Ring({a.endpoint: 1.0, b.endpoint: 1.0})
@@ -306,6 +343,8 @@ def run_bench(
         consistent = final == [expected[k] for k in local + cross]
         say("migration")
         migrate = migration(a, b, moves)
+        say("agent tells")
+        fan = agent_tells(a, b, tells)
         say("state shipping")
         ship = state_shipping(tmp, a, b, keys, writes)
         say("detection")
@@ -326,6 +365,7 @@ def run_bench(
     ratios["asks_local"] = figures["asks_local"]["rate"] / figures["raw_rt100"]["rate"]
     return {
         "environment": environment(2),
+        "durability": durability,
         "figures": figures,
         "ratios": ratios,
         "targets": {
@@ -336,6 +376,7 @@ def run_bench(
         "moved_on_join": moved_share,
         "migration": migrate,
         "state_shipping": ship,
+        "agent_tells": fan,
         "forwarded": forwarded,
         "replication_of_b": replication,
         "checks": {
@@ -344,13 +385,15 @@ def run_bench(
             "replicated": replication["acked"] > 0 and replication["hold_timeouts"] == 0,
             "migration_exact": migrate["exact"],
             "deltas_smaller": ship["ratio"] < 0.5,
+            "agent_tells_exact": fan["exact"],
         },
         "ok": wrong == 0
         and consistent
         and forwarded > 0
         and replication["acked"] > 0
         and migrate["exact"]
-        and ship["ratio"] < 0.5,
+        and ship["ratio"] < 0.5
+        and fan["exact"],
     }
 
 
@@ -359,9 +402,10 @@ def format_table(report: dict[str, Any]) -> str:
     d = report["detection"]
     m = report["migration"]
     s = report["state_shipping"]
+    t = report["agent_tells"]
     repl = report["replication_of_b"]
     lines = [
-        "Phoenix cluster bench: 2 nodes x 1 worker on loopback (durable), medians",
+        f"Phoenix cluster bench: 2 nodes x 1 worker on loopback ({report['durability']}), medians",
         f"replication_ack={repl['ack']}: node B shipped {repl['shipped']:,} records "
         f"({repl['deltas_shipped']:,} deltas, {repl['states_shipped']:,} whole states), "
         f"{repl['acked']:,} acked by the replica, {repl['hold_timeouts']} hold timeouts",
@@ -385,6 +429,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"{s['deltas']['bytes_per_write']:,.0f} with deltas "
         f"({s['deltas']['deltas']} deltas, {s['deltas']['whole_states']} whole), "
         f"{s['whole']['bytes_per_write']:,.0f} with whole states: ratio {s['ratio']:.4f}",
+        f"agent-to-agent tells (at least once), {t['tells']:,} each way: "
+        f"{t['local']['rate']:,.0f}/s to agents of the same node, "
+        f"{t['cross']['rate']:,.0f}/s to the other node's: ratio {t['ratio']:.3f}",
         f"checks: {report['checks']}",
     ]
     for name, t in report["targets"].items():
@@ -402,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moves", type=int, default=20, help="migrations timed under load")
     parser.add_argument("--keys", type=int, default=1000, help="keys of the large agent")
     parser.add_argument("--writes", type=int, default=200, help="writes to the large agent")
+    parser.add_argument(
+        "--durability",
+        choices=("durable", "buffered"),
+        default="durable",
+        help="the two nodes' commits: fsync each (durable) or leave it to the OS",
+    )
+    parser.add_argument("--tells", type=int, default=20_000, help="agent tells each way")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
@@ -413,15 +467,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.repeat, args.kills, args.moves, args.writes) < 1 or args.seconds <= 0:
         parser.error("--seconds must be > 0, --repeat, --kills, --moves, --writes >= 1")
+    if args.tells < 100:
+        parser.error("--tells must be >= 100")
     if args.keys < 10:
         parser.error("--keys must be >= 10")
     if args.quick:
         args.seconds, args.repeat, args.kills, args.moves = 0.3, 1, 1, 2
-        args.writes = 20
+        args.writes, args.tells = 20, 200
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     report = run_bench(
         args.seconds, args.repeat, args.kills, say, args.replication_ack, args.moves,
-        args.keys, args.writes,
+        args.keys, args.writes, args.tells, args.durability,
     )  # fmt: skip
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0 if report["ok"] else 1
