@@ -30,7 +30,7 @@ from phoenix_node.state import AgentState, DecodeError, StateError, StoreError
 from phoenix_node.state.store import Store, WriteBatch
 
 from .agent import Agent
-from .replog import delta_entry, read_entry, whole_entry
+from .replog import delta_entry, entry_key, whole_entry
 
 __all__ = [
     "MERGE_ACTION",
@@ -465,31 +465,28 @@ class AgentHost:
         self, batch: WriteBatch, dirty: list[tuple[str, Agent]], merged_only: set[str]
     ) -> None:
         """Stage the change log entries of a commit: one per agent changed by its own
-        actions, with its delta joined into the entry not shipped yet, or a whole-state
-        mark when its delta is not known (:mod:`workers.replog`)."""
+        actions, with the commit's delta, or a whole-state mark when its delta is not
+        known (:mod:`workers.replog`)."""
         self._repl_seq += 1
         stamp = _REPL_STAMP.pack(os.getpid(), self._repl_seq)
         whole = whole_entry(stamp)
-        deltas: dict[bytes, AgentState] = {}
         for agent_id, agent in dirty:
             if agent_id in merged_only:
                 continue
-            state = agent._state
-            delta = self._take_delta(agent_id, state)
-            if delta is None:
+            delta = self._take_delta(agent_id, agent._state)
+            key = entry_key(agent_id, stamp)
+            if key is None:  # an id too long for a per-commit key: whole, bare key
                 batch.put("repl", agent_id.encode(), whole)
-            else:
-                deltas[agent_id.encode()] = delta
-        if not deltas:
-            return
-        try:
-            logged = self.store.get_many("repl", deltas)
-        except StoreError as exc:
-            log.warning("cannot read the change log (%s): logging whole states", exc)
-            logged = dict.fromkeys(deltas, b"")  # b"": reads as "ship the whole state"
-        for key, delta in deltas.items():
-            value = self._joined(stamp, delta, logged.get(key))
-            batch.put("repl", key, whole if value is None else value)
+                continue
+            value = whole
+            if delta is not None:
+                try:
+                    value = delta_entry(stamp, delta.encode())
+                except (StateError, ValueError, OverflowError) as exc:
+                    log.warning(
+                        "cannot log a delta of %s (%s): logging the whole state", agent_id, exc
+                    )
+            batch.put("repl", key, value)
 
     def _take_delta(self, agent_id: str, state: AgentState) -> AgentState | None:
         """The delta of ``state`` since its last logged change; None when it is not
@@ -499,22 +496,6 @@ class AgentHost:
             state.set_delta_tracking(True)  # what is pending is part of the whole state
             return None
         return state.take_delta()
-
-    def _joined(self, stamp: bytes, delta: AgentState, logged: bytes | None) -> bytes | None:
-        """The log value holding ``delta`` and the one logged before, not shipped yet
-        (None: ship the whole state, which holds both)."""
-        try:
-            if logged is None:
-                return delta_entry(stamp, delta.encode())
-            old = read_entry(logged)[1]
-            if old is None:
-                return None  # already "ship the whole state"
-            joined = delta.schema.decode(old, track_deltas=False)
-            joined.merge_in(delta)
-            return delta_entry(stamp, joined.encode())
-        except (StateError, ValueError, OverflowError) as exc:
-            log.warning("cannot log a delta (%s): logging the whole state", exc)
-            return None
 
     def commit(self, extra: Callable[[WriteBatch], None] | None = None) -> bool:
         """Write every changed agent's state in one transaction.

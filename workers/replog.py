@@ -1,9 +1,16 @@
-"""The value of a replication change log entry (the ``repl`` db of the node's LMDB).
+"""The replication change log: the ``repl`` db of the node's LMDB.
 
-Key: the agent id (UTF-8). Written by a worker's commit, in the same transaction
-as the agent's state, and by the control process (anti-entropy repairs, migrated
-agents); read and compare-and-deleted by the control's replicator
-(:mod:`phoenix_node.cluster.replication`). Value, version 1::
+One entry per change: a worker's commit writes one for each agent it changed, in
+the same transaction as the agent's state, under :func:`entry_key` (the agent id,
+a 0xFF byte, which no UTF-8 text holds, and the commit's stamp); the control
+process writes "ship the whole state" marks (anti-entropy repairs, migrated
+agents) under the bare agent id. The control's replicator
+(:mod:`phoenix_node.cluster.replication`) reads every entry of an agent at once
+(an agent's 0xFF entries are contiguous in key order), ships them, and deletes
+exactly the entries it shipped once every replica answered (compare-and-delete):
+an entry is never rewritten, so one shipped is never shipped again, and an
+agent written faster than it ships has several small entries, never a growing
+one. Value, version 1::
 
     b"W" stamp                         ship the whole stored state
     b"D" n:u8 stamp delta              ship ``delta`` where the replica is known to
@@ -11,17 +18,11 @@ agents); read and compare-and-deleted by the control's replicator
 
 - ``stamp`` (1..255 bytes) is unique to the write that made the value: a worker
   commit's ``>IQ`` (pid, commit sequence), the control's ``ae<n>``. In a ``D``
-  value ``n`` is its length. Held client replies wait on stamps only: a stamp
-  tells one logged change from the next without keeping the delta around.
+  value ``n`` is its length. Held client replies wait on stamps only.
 - ``delta`` is an agent state record (:meth:`phoenix_node.state.AgentState.encode`)
-  holding the join of the deltas of every commit since the entry was last
-  deleted: a worker that commits an agent whose entry is still there joins its
-  new delta into the logged one, so a shipment of the value holds every change
-  it stands for. Merged into a replica's state with the agent's schema it is
-  the join, like a whole state.
-- The replicator deletes an entry once every replica answered, only if its value
-  is unchanged (compare-and-delete on the whole value); a value rewritten
-  meanwhile carries a new stamp and is shipped again.
+  holding the fields that commit changed, each the join of that commit's changes
+  (:meth:`~phoenix_node.state.AgentState.take_delta`). Merged into a replica's
+  state with the agent's schema it is a join, like a whole state.
 
 A value that is none of these (empty, another tag, a length past the end, an
 empty delta) reads as "ship the whole state", with the whole value as its
@@ -31,11 +32,35 @@ crash.
 
 from __future__ import annotations
 
-__all__ = ["DELTA", "WHOLE", "delta_entry", "entry_stamp", "read_entry", "whole_entry"]
+__all__ = [
+    "DELTA",
+    "WHOLE",
+    "delta_entry",
+    "entry_agent",
+    "entry_key",
+    "entry_stamp",
+    "read_entry",
+    "whole_entry",
+]
 
 WHOLE = b"W"
 DELTA = b"D"
 _MAX_STAMP = 255
+_MAX_KEY = 511  # LMDB's default key limit (phoenix_node.state.store.MAX_KEY_SIZE)
+_SEP = b"\xff"  # never in UTF-8 text: an agent id's bytes end before the first one
+
+
+def entry_key(agent_id: str, stamp: bytes) -> bytes | None:
+    """The key of the entry a commit with ``stamp`` logs for ``agent_id``; None when it
+    would pass LMDB's key limit (an id near 511 bytes): then the commit logs a whole
+    mark under the bare id, which a later commit may rewrite without losing anything."""
+    key = agent_id.encode() + _SEP + _check_stamp(stamp)
+    return key if len(key) <= _MAX_KEY else None
+
+
+def entry_agent(key: bytes) -> str:
+    """The agent id of an entry's key (a worker's entry, or a control's bare id)."""
+    return key.partition(_SEP)[0].decode(errors="replace")
 
 
 def _check_stamp(stamp: bytes) -> bytes:

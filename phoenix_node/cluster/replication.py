@@ -9,49 +9,44 @@ state twice, or in any order, changes nothing.
 Shipping (eventual; the change log is a transactional outbox)
     While the node has peers, every worker commit also writes an entry per
     agent it changed into the ``repl`` db, in the same LMDB transaction as the
-    states (value: :mod:`workers.replog`, a stamp unique to that commit and
-    either the agent's delta, joined with the logged delta not shipped yet, or
-    a mark "ship the whole state"). Each loop turn the :class:`Replicator`
-    reads up to ``batch`` logged entries, reads the agents' committed states
-    and sends each alive member of the preference list (except this node) one
-    BATCH of ``_merge`` ASKs, over the peer DEALER the membership protocol
-    already uses. The receiving control process hands the batch to its workers
-    like any request; a worker merges and commits before it answers. When
-    every target answered ok, the log entry is deleted if its value is
-    unchanged (compare-and-delete: a commit made meanwhile logged the agent
-    again and is shipped again), at the next flush or before the replies that
-    waited for it are released, whichever comes first. No answer within
+    states, under its own key (:mod:`workers.replog`: the agent id and the
+    commit's stamp), holding that commit's delta of the agent or a mark "ship
+    the whole state". Each loop turn the :class:`Replicator` reads every entry
+    of up to ``batch`` agents not in flight (an agent's entries are contiguous),
+    reads the agents' committed states and sends each alive member of the
+    preference list (except this node) one BATCH of ``_merge`` ASKs, over the
+    peer DEALER the membership protocol already uses. The receiving control
+    process hands the batch to its workers like any request; a worker merges
+    and commits before it answers. When every target answered ok, exactly the
+    entries shipped are deleted (compare-and-delete), at the next flush or
+    before the replies that waited for them are released, whichever comes
+    first; entries logged meanwhile ship at a later turn. No answer within
     ``timeout`` seconds: shipped again. A final error (the target does not
     know the agent type): counted and given up for that target.
 
 Deltas or whole states (``deltas``, the node option ``replication_deltas``)
-    A target gets the logged delta only when it is known to hold every change
-    of the agent logged before it: it answered ok to a shipment of the agent
-    (whole or delta) and, since, no shipment to it failed (no answer in time,
-    an error), it was a target of every shipment of the agent, the ring and
-    the membership (a node restarted, left, came back) did not change, and
-    this control process did not restart. Then the delta is all it lacks: the
-    entry holds the join of every delta logged since the last entry every
-    target acknowledged. Anything else gets the whole committed state: a
-    first shipment, a whole-state mark (a worker logs one when it does not
-    know the delta: the first change after an activation, or after a merge
-    changed the agent, whose merged part is in no delta; a failed commit
-    reloads its agents, so theirs too), a delta no smaller than the state,
-    and the ids that anti-entropy or a migration logs. What is known is kept
-    for ``in_sync_limit`` agents (least recently acknowledged forgotten).
-    Re-shipping a part a target holds is harmless (a join is idempotent). A
-    limit: an entry rewritten by every turn (writes to one agent pipelined
-    faster than its shipments are answered) is never deleted, so its delta
-    keeps the changes already shipped and grows toward the state; writers
-    that wait for their acknowledgement (``replication_ack=replicas``) see
-    the entry deleted before their next write.
+    A target gets the logged deltas (one ``_merge`` each, in commit order) only
+    when it is known to hold every change of the agent logged before them: it
+    answered ok to a shipment of the agent (whole or delta) and, since, no
+    shipment to it failed (no answer in time, an error), it was a target of
+    every shipment of the agent, the ring and the membership (a node
+    restarted, left, came back) did not change, and this control process did
+    not restart. Anything else gets the whole committed state: a first
+    shipment, a whole-state mark among the entries (a worker logs one when it
+    does not know the delta: the first change after an activation, or after a
+    merge changed the agent, whose merged part is in no delta; a failed commit
+    reloads its agents, so theirs too), more than ``_MAX_PARTS`` entries,
+    deltas no smaller than the state together, and the ids that anti-entropy
+    or a migration logs (under the bare agent id). What is known is kept for
+    ``in_sync_limit`` agents (least recently acknowledged forgotten).
+    Re-shipping a part a target holds is harmless (a join is idempotent).
 
 When a write is acknowledged (``replication_ack``)
     ``replicas`` (the default): the control process holds every reply a worker
     sends to a client (REPLY, REPLY_BATCH, ACKS; not CREDIT or events) until
     the replicas hold what was committed before it. Held replies form a group
     at the next shipping turn, which reads the change log: the group waits for
-    each logged agent until a shipment of that agent's logged stamp, or one
+    each logged agent until a shipment of every entry of it logged then, or one
     read after the group was formed, has been answered by every alive replica
     of the agent. The worker logs a change in the commit transaction, before it
     sends the reply, so the log read after the reply came holds every commit
@@ -126,7 +121,7 @@ from workers.host import (
     REPLICATE_WHOLE,
     error_payload,
 )
-from workers.replog import entry_stamp, read_entry, whole_entry
+from workers.replog import entry_agent, entry_stamp, read_entry, whole_entry
 
 from ._corr import REPLICATOR, CorrIds
 from .service import ClusterService
@@ -140,6 +135,7 @@ DIGEST_ACTION = "replica.digest"
 _DIGESTS_PER_MESSAGE = 2000
 _SHIP_INTERVAL = 0.01  # seconds between shipping turns while changes wait
 _FLUSH_INTERVAL = 0.05  # seconds between deletions of replicated log entries
+_MAX_PARTS = 8  # an agent's entries shipped as deltas at most; more: its whole state
 #: ``replication_ack`` value: replies wait until the replicas hold the write
 ACKS_REPLICAS = "replicas"
 _HELD_KINDS = frozenset((REPLY, REPLY_BATCH, ACKS))
@@ -152,11 +148,11 @@ def state_digest(state: bytes) -> bytes:
 
 @dataclass
 class _Flight:
-    """One logged change being shipped: its log value (compare-and-delete) and stamp, the
-    corr ids not answered."""
+    """An agent's logged changes being shipped: their log entries (compare-and-deleted
+    once every target answered) and stamps, the corr ids not answered."""
 
-    stamp: bytes
-    value: bytes
+    stamps: frozenset[bytes]
+    parts: list[tuple[bytes, bytes]]
     deadline: float
     turn: int
     waiting: set[int] = field(default_factory=set)
@@ -179,7 +175,7 @@ class _Group:
     replies: list[list[bytes]]
     turn: int
     deadline: float
-    waits: dict[str, bytes]  # agent id -> the stamp logged when the group was formed
+    waits: dict[str, frozenset[bytes]]  # agent id -> the stamps logged when it was formed
     done: bool = False
 
 
@@ -387,45 +383,66 @@ class Replicator:
         return [address for address in prefs if address != me]
 
     def _ship(self, now: float) -> None:
-        finished: list[tuple[bytes, bytes]] = []
-        taken: list[tuple[bytes, bytes, str]] = []
-        for key, value in self._read_log():
-            agent_id = key.decode(errors="replace")
-            if agent_id in self._flights:
-                continue
-            if len(taken) >= self.batch:
-                break
-            taken.append((key, value, agent_id))
+        taken = self._pending(self.batch)
         if not taken:
             return
-        states = self.store.load_states([agent_id for _, _, agent_id in taken])
+        states = self.store.load_states(list(taken))
         outboxes: dict[str, _Outbox] = {}
-        for key, value, agent_id in taken:
+        for agent_id, parts in taken.items():
             state = states.get(agent_id)
             targets = self._targets(agent_id)
+            stamps = frozenset(entry_stamp(value) for _, value in parts)
             if state is None or not targets:
-                finished.append((key, value))  # nothing to ship, or no one to ship to
+                # nothing to ship, or no one to ship to
+                self._delete(parts)
+                self._covered(agent_id, stamps, self._turn)
                 continue
-            stamp, delta = read_entry(value)
-            if not self.deltas or (delta is not None and len(delta) >= len(state)):
-                delta = None  # a delta no smaller than the state: ship the state
-            known = self._known(agent_id, targets)
-            flight = _Flight(stamp, value, now + self.timeout, self._turn)
+            deltas = self._deltas(parts, len(state))
+            known = self._known(agent_id, targets) if deltas else set()
+            flight = _Flight(stamps, parts, now + self.timeout, self._turn)
             self._flights[agent_id] = flight
             for target in targets:
-                record = delta if delta is not None and target in known else state
-                corr = self.ids.next()
-                flight.waiting.add(corr)
-                self._corrs[corr] = (agent_id, target)
-                entry = encode_entry(ASK, corr, agent_id, MERGE_ACTION, 0, None, record)
+                records = deltas if target in known else [state]
                 box = outboxes.setdefault(target, _Outbox(agent_id))
-                box.entries.append(entry)
-                box.deltas += record is delta
-                box.size += len(entry)
+                for record in records:
+                    corr = self.ids.next()
+                    flight.waiting.add(corr)
+                    self._corrs[corr] = (agent_id, target)
+                    entry = encode_entry(ASK, corr, agent_id, MERGE_ACTION, 0, None, record)
+                    box.entries.append(entry)
+                    box.deltas += record is not state
+                    box.size += len(entry)
         self._send_outboxes(outboxes)
-        self._delete(finished)
-        for key, value in finished:
-            self._covered(key.decode(errors="replace"), entry_stamp(value), self._turn)
+
+    def _pending(self, limit: int) -> dict[str, list[tuple[bytes, bytes]]]:
+        """The logged entries of up to ``limit`` agents not in flight, each agent's all
+        (its per-commit entries are contiguous in key order; none is left behind)."""
+        taken: dict[str, list[tuple[bytes, bytes]]] = {}
+        for key, value in self._read_log():
+            agent_id = entry_agent(key)
+            if agent_id in self._flights:
+                continue
+            parts = taken.get(agent_id)
+            if parts is None:
+                if len(taken) >= limit:
+                    break
+                parts = taken[agent_id] = []
+            parts.append((key, value))
+        return taken
+
+    def _deltas(self, parts: list[tuple[bytes, bytes]], state_size: int) -> list[bytes]:
+        """The deltas of ``parts`` to ship where the target holds everything before them;
+        empty when the whole state must go: deltas off, a whole-state mark among them,
+        more than _MAX_PARTS, or not smaller than the state together."""
+        if not self.deltas or len(parts) > _MAX_PARTS:
+            return []
+        deltas = []
+        for _, value in parts:
+            delta = read_entry(value)[1]
+            if delta is None:
+                return []
+            deltas.append(delta)
+        return deltas if sum(map(len, deltas)) < state_size else []
 
     def _known(self, agent_id: str, targets: list[str]) -> set[str]:
         """The targets of ``agent_id`` that hold every change of it logged so far: a
@@ -468,8 +485,8 @@ class Replicator:
         if not flight.waiting:
             del self._flights[agent_id]
             self.acked += 1
-            self._done[agent_id.encode()] = flight.value
-            self._covered(agent_id, flight.stamp, flight.turn)
+            self._done.update(flight.parts)
+            self._covered(agent_id, flight.stamps, flight.turn)
 
     def _learn(self, agent_id: str, target: str) -> None:
         """``target`` merged a shipment of ``agent_id``: it holds every logged change."""
@@ -508,7 +525,10 @@ class Replicator:
     def _group(self, now: float) -> None:
         """Close the open replies into a group waiting for everything logged now."""
         replies, self._open = self._open, []
-        waits = {key.decode(errors="replace"): entry_stamp(v) for key, v in self._read_log()}
+        logged: dict[str, set[bytes]] = {}
+        for key, value in self._read_log():
+            logged.setdefault(entry_agent(key), set()).add(entry_stamp(value))
+        waits = {agent_id: frozenset(stamps) for agent_id, stamps in logged.items()}
         group = _Group(replies, self._turn, now + self.hold_timeout, waits)
         if not waits:
             self._release(group)
@@ -517,9 +537,11 @@ class Replicator:
         for agent_id in waits:
             self._waiting.setdefault(agent_id, []).append(group)
 
-    def _covered(self, agent_id: str, stamp: bytes, turn: int) -> None:
-        """A shipment of ``agent_id`` read at ``turn`` with ``stamp`` reached every replica
-        (or needed none): the groups it covers stop waiting for that agent."""
+    def _covered(self, agent_id: str, stamps: frozenset[bytes], turn: int) -> None:
+        """A shipment of ``agent_id`` read at ``turn`` of the entries with ``stamps``
+        reached every replica (or needed none): the groups it covers stop waiting for
+        that agent (those that wait for those entries only, or formed before the read,
+        which took every entry of the agent logged then)."""
         groups = self._waiting.pop(agent_id, None)
         if not groups:
             return
@@ -527,7 +549,7 @@ class Replicator:
         for group in groups:
             if group.done:
                 continue
-            if group.waits[agent_id] == stamp or turn >= group.turn:
+            if group.waits[agent_id] <= stamps or turn >= group.turn:
                 del group.waits[agent_id]
                 if not group.waits:
                     self._release(group)

@@ -28,7 +28,7 @@ from phoenix_node.state import GCounter, LWWMap, ORSet
 from phoenix_node.state.store import Store
 from workers.agent import Agent, action
 from workers.host import REPLICATE_KEY, REPLICATE_WHOLE, AgentHost
-from workers.replog import delta_entry, whole_entry
+from workers.replog import delta_entry, entry_key, entry_stamp, whole_entry
 
 from .test_replicator import ME, PEER, Clock, FakeCluster, answer, make, reply
 
@@ -40,7 +40,9 @@ def log(store: Store, agent_id: str, value: bytes, state: bytes = STATE) -> None
     """A worker's commit while replicating: the state and its change log entry."""
     batch = store.batch()
     batch.save_state(agent_id, state)
-    batch.put("repl", agent_id.encode(), value)
+    key = entry_key(agent_id, entry_stamp(value))
+    assert key is not None
+    batch.put("repl", key, value)
     store.commit(batch)
 
 
@@ -86,6 +88,41 @@ def test_the_first_shipment_is_whole_then_deltas_follow(tmp_path: Path) -> None:
         assert status["pending"] == 0 and status["in_sync"] == 1
         entry_overhead = status["bytes_shipped"] - len(STATE) - 2 * len(DELTA) - 1
         assert 0 < entry_overhead < 3 * 60  # corr, agent id, action per entry
+
+
+@pytest.mark.timeout(30)
+def test_commits_between_shipments_ship_as_their_deltas_and_only_shipped_ones_leave(
+    tmp_path: Path,
+) -> None:
+    with Store(tmp_path / "db", durability="buffered") as store:
+        rep, cluster, clock, _ = make(store)
+        log(store, "Tally/a", delta_entry(b"s1", DELTA))
+        ship(rep, cluster, clock)  # whole: now in sync
+        deltas = [DELTA + bytes([i]) for i in range(3)]
+        for i, d in enumerate(deltas):
+            log(store, "Tally/a", delta_entry(b"t%d" % i, d))  # three commits, one turn
+        clock.now += 0.1
+        rep.tick()
+        out = sent(cluster)
+        assert [r for _, _, _, r in out] == deltas  # each commit's delta, in order
+        log(store, "Tally/a", delta_entry(b"t9", DELTA + b"late"))  # while in flight
+        answer(rep, [corr for _, corr, _, _ in out])
+        clock.now += 0.1
+        rep.tick()  # the three are deleted; the late one ships now, a delta
+        assert [r for _, _, _, r in sent(cluster)] == [DELTA + b"late"]
+        assert [v for _, v in store.iter_items("repl")] == [delta_entry(b"t9", DELTA + b"late")]
+
+
+@pytest.mark.timeout(30)
+def test_more_entries_than_the_part_limit_ship_the_whole_state(tmp_path: Path) -> None:
+    with Store(tmp_path / "db", durability="buffered") as store:
+        rep, cluster, clock, _ = make(store)
+        log(store, "Tally/a", delta_entry(b"s1", DELTA))
+        ship(rep, cluster, clock)
+        for i in range(9):  # _MAX_PARTS is 8
+            log(store, "Tally/a", delta_entry(b"t%d" % i, b"d"))
+        assert ship(rep, cluster, clock) == [STATE]
+        assert rep.status()["pending"] == 0
 
 
 @pytest.mark.timeout(30)

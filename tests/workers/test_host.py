@@ -11,11 +11,11 @@ import pytest
 
 from ipc.protocol import TELL, ErrorCode, pack, unpack
 from phoenix_node.demo import Counter
-from phoenix_node.state import GCounter, LWWMap, StoreError, StoreWriteError
+from phoenix_node.state import GCounter, LWWMap, StoreWriteError
 from phoenix_node.state.store import Store
 from workers.agent import Agent, action
 from workers.host import REPLICATE_DELTAS, REPLICATE_KEY, REPLICATE_OFF, REPLICATE_WHOLE, AgentHost
-from workers.replog import delta_entry, read_entry
+from workers.replog import entry_agent, read_entry
 
 EVENTS: list[tuple[Any, ...]] = []
 
@@ -523,7 +523,7 @@ def test_commits_log_changed_agents_for_replication_but_not_merges(
     host.handle("Probe/merged", "_merge", _probe_state("other:0", 2))
     host.handle("Probe/before", "_merge", _probe_state("other:0", 2))  # active, merge only
     assert host.commit()
-    assert [k for k, _ in store.iter_items("repl")] == [b"Probe/changed"]
+    assert [entry_agent(k) for k, _ in store.iter_items("repl")] == ["Probe/changed"]
 
 
 # --- migration: _release -------------------------------------------------------------------
@@ -626,23 +626,28 @@ def set_replication(host: AgentHost, store: Store, flag: bytes) -> None:
     host._replicating()  # read now (a worker reads it at a commit, at most every 0.2 s)
 
 
+def entries(store: Store, agent_id: str) -> list[tuple[bytes, bytes]]:
+    """The change log entries of ``agent_id``, oldest first (one per commit)."""
+    return [(k, v) for k, v in store.iter_items("repl") if entry_agent(k) == agent_id]
+
+
 def logged(store: Store, agent_id: str) -> tuple[bytes, dict[str, Any] | None]:
-    """The logged stamp and the logged delta's value (None: whole-state mark)."""
-    value = store.get("repl", agent_id.encode())
-    assert value is not None, f"{agent_id} is not logged"
-    stamp, delta = read_entry(value)
+    """The stamp and the delta's value (None: whole-state mark) of the newest entry."""
+    found = entries(store, agent_id)
+    assert found, f"{agent_id} is not logged"
+    stamp, delta = read_entry(found[-1][1])
     return stamp, None if delta is None else SHELF.decode(delta).value
 
 
 def shipped(store: Store, agent_id: str) -> None:
-    """The control shipped the entry to every replica and deleted it."""
-    value = store.get("repl", agent_id.encode())
-    assert value is not None
-    assert store.delete_if("repl", [(agent_id.encode(), value)]) == 1
+    """The control shipped the agent's entries to every replica and deleted them."""
+    found = entries(store, agent_id)
+    assert found
+    assert store.delete_if("repl", found) == len(found)
 
 
 @pytest.mark.timeout(30)
-def test_a_commit_logs_the_delta_and_joins_it_with_the_one_not_shipped_yet(
+def test_each_commit_logs_its_own_entry_with_that_commits_delta(
     host: AgentHost, store: Store
 ) -> None:
     set_replication(host, store, REPLICATE_DELTAS)
@@ -659,11 +664,12 @@ def test_a_commit_logs_the_delta_and_joins_it_with_the_one_not_shipped_yet(
     ask(host, "Shelf/s", "hit")
     assert host.commit()
     second, delta = logged(store, "Shelf/s")
-    assert second != first  # a new value: the control's compare-and-delete keeps it
-    assert delta == {"items": {"k1": "one", "k2": "two"}, "hits": 1}  # both commits
-    raw = store.get("repl", b"Shelf/s")
+    assert second != first
+    assert delta == {"items": {"k2": "two"}, "hits": 1}  # this commit's change only
+    found = entries(store, "Shelf/s")
+    assert [read_entry(v)[0] for _, v in found] == [first, second]  # the first one stays
     state = store.load_state("Shelf/s")
-    assert raw is not None and state is not None and len(raw) < len(state) / 10
+    assert state is not None and all(len(v) < len(state) / 10 for _, v in found)
 
 
 @pytest.mark.timeout(30)
@@ -725,30 +731,17 @@ def test_a_failed_commit_loses_no_delta_the_next_change_ships_the_whole_state(
 
 
 @pytest.mark.timeout(30)
-def test_a_log_entry_that_cannot_be_read_or_joined_becomes_a_whole_state_mark(
-    host: AgentHost, store: Store, monkeypatch: pytest.MonkeyPatch
+def test_an_agent_id_too_long_for_a_per_commit_key_logs_whole_marks_under_its_id(
+    host: AgentHost, store: Store
 ) -> None:
     set_replication(host, store, REPLICATE_DELTAS)
-    for key in ("x", "y"):
-        ask(host, f"Shelf/{key}", "put", key="a", value=1)
-    assert host.commit()
-    with store.batch() as b:  # y's logged delta is damaged
-        b.put("repl", b"Shelf/y", delta_entry(b"s1", b"\x93\x01"))
-    shipped(store, "Shelf/x")
-    ask(host, "Shelf/x", "put", key="b", value=2)
-    ask(host, "Shelf/y", "put", key="b", value=2)
-    assert host.commit()
-    assert logged(store, "Shelf/x")[1] == {"items": {"b": 2}, "hits": 0}
-    assert logged(store, "Shelf/y")[1] is None
-    shipped(store, "Shelf/x")
-    ask(host, "Shelf/x", "put", key="c", value=3)
-
-    def unreadable(self: Store, db: str, keys: Any) -> dict[bytes, bytes]:
-        raise StoreError("read failed (simulated)")
-
-    monkeypatch.setattr(Store, "get_many", unreadable)
-    assert host.commit()  # the state is committed all the same
-    assert logged(store, "Shelf/x")[1] is None
+    long_id = "Shelf/" + "x" * 500  # 506 bytes: with a separator and a stamp, past 511
+    for value in (1, 2):
+        ask(host, long_id, "put", key="a", value=value)
+        assert host.commit()
+    found = entries(store, long_id)
+    assert [k for k, _ in found] == [long_id.encode()]  # one entry, rewritten
+    assert read_entry(found[0][1])[1] is None  # the whole state: nothing lost
 
 
 @pytest.mark.timeout(30)
@@ -846,4 +839,4 @@ def test_an_agent_merged_into_then_written_in_one_batch_is_logged(
     assert host.handle("Probe/mw", "_merge", _probe_state("other:0", 5)) == (0, True)
     assert ask(host, "Probe/mw", "hit") == (0, 7)  # a write after the merge, same batch
     assert host.commit()
-    assert store.get("repl", b"Probe/mw") is not None  # shipped: the write reaches replicas
+    assert entries(store, "Probe/mw")  # shipped: the write reaches the replicas

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.replog import delta_entry, entry_stamp, read_entry, whole_entry
+from workers.replog import (
+    delta_entry,
+    entry_agent,
+    entry_key,
+    entry_stamp,
+    read_entry,
+    whole_entry,
+)
 
 STAMP = b"\x00\x00\x00\x07\x00\x00\x00\x00\x00\x00\x00\x02"  # a worker's >IQ stamp
 
@@ -56,3 +63,17 @@ def test_any_bytes_read_without_an_exception(value: bytes) -> None:
     assert entry_stamp(value) == stamp
     if delta is not None:
         assert value == delta_entry(stamp, delta)
+
+
+@pytest.mark.timeout(10)
+def test_an_entry_key_holds_its_agent_id_and_stamp() -> None:
+    key = entry_key("Shelf/a", b"\x00\x01")
+    assert key == b"Shelf/a\xff\x00\x01"
+    assert entry_agent(key) == "Shelf/a"
+    assert entry_agent(b"Shelf/a") == "Shelf/a"  # a control's bare whole mark
+    odd = "Shelf/\x00\xff\u00ff"  # NUL and U+00FF in an id: no 0xFF byte in UTF-8
+    key = entry_key(odd, b"s")
+    assert key is not None and entry_agent(key) == odd
+    assert entry_key("Shelf/" + "x" * 500, b"s" * 12) is None  # past LMDB's 511 bytes
+    with pytest.raises(ValueError):
+        entry_key("Shelf/a", b"")
