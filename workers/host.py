@@ -462,11 +462,16 @@ class AgentHost:
         return self.replicate
 
     def _log_changes(
-        self, batch: WriteBatch, dirty: list[tuple[str, Agent]], merged_only: set[str]
+        self,
+        batch: WriteBatch,
+        dirty: list[tuple[str, Agent]],
+        merged_only: set[str],
+        sizes: dict[str, int],
     ) -> None:
         """Stage the change log entries of a commit: one per agent changed by its own
         actions, with the commit's delta, or a whole-state mark when its delta is not
-        known (:mod:`workers.replog`)."""
+        known or no smaller than the state (``sizes``: the encoded states' lengths; a
+        small agent's delta is often all of it) (:mod:`workers.replog`)."""
         self._repl_seq += 1
         stamp = _REPL_STAMP.pack(os.getpid(), self._repl_seq)
         whole = whole_entry(stamp)
@@ -481,7 +486,9 @@ class AgentHost:
             value = whole
             if delta is not None:
                 try:
-                    value = delta_entry(stamp, delta.encode())
+                    encoded = delta.encode()
+                    if len(encoded) < sizes[agent_id]:
+                        value = delta_entry(stamp, encoded)
                 except (StateError, ValueError, OverflowError) as exc:
                     log.warning(
                         "cannot log a delta of %s (%s): logging the whole state", agent_id, exc
@@ -515,12 +522,15 @@ class AgentHost:
         merged_bytes, self._merged_bytes = self._merged_bytes, {}
         merged_only, self._merged_only = self._merged_only, set()
         batch = self.store.batch()
+        sizes: dict[str, int] = {}
         for agent_id, agent in dirty:
-            batch.save_state(agent_id, agent._state.encode())
+            encoded = agent._state.encode()
+            sizes[agent_id] = len(encoded)
+            batch.save_state(agent_id, encoded)
         for agent_id in merged:
             batch.save_state(agent_id, merged_bytes[agent_id])
         if dirty and self._replicating():
-            self._log_changes(batch, dirty, merged_only)
+            self._log_changes(batch, dirty, merged_only, sizes)
         if dirty and not (self.replicate and self.deltas):
             for _, agent in dirty:  # nothing ships deltas now: stop collecting them
                 agent._state.set_delta_tracking(False)
