@@ -18,9 +18,9 @@ Shipping (eventual; the change log is a transactional outbox)
     peer DEALER the membership protocol already uses. The receiving control
     process hands the batch to its workers like any request; a worker merges
     and commits before it answers. When every target answered ok, exactly the
-    entries shipped are deleted (compare-and-delete), at the next flush or
-    before the replies that waited for them are released, whichever comes
-    first; entries logged meanwhile ship at a later turn. No answer within
+    entries shipped are deleted (compare-and-delete), by one write transaction
+    every ``_FLUSH_INTERVAL`` (reads skip them until then); entries logged
+    meanwhile ship at a later turn. No answer within
     ``timeout`` seconds: shipped again. A final error (the target does not
     know the agent type): counted and given up for that target.
 
@@ -559,11 +559,6 @@ class Replicator:
             self._waiting[agent_id] = still
 
     def _release(self, group: _Group) -> None:
-        if self._done:
-            # Its client may write the same agents as soon as it hears: delete their
-            # shipped entries first, so that the commit starts a fresh delta instead
-            # of joining one the replicas hold already (and re-shipping it).
-            self._flush_done(self._clock())
         group.done = True
         self.held -= len(group.replies)
         for frames in group.replies:

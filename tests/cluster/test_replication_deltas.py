@@ -242,23 +242,25 @@ def test_with_deltas_off_the_flag_asks_for_whole_states_and_only_they_ship(
 
 
 @pytest.mark.timeout(30)
-def test_a_shipped_entry_leaves_the_log_before_the_reply_it_held_is_sent(tmp_path: Path) -> None:
-    """The client's next write to the agent then logs a fresh delta: it does not join
-    (and re-ship) the one the replicas hold already."""
+def test_shipped_entries_are_not_shipped_again_while_they_wait_for_the_flush(
+    tmp_path: Path,
+) -> None:
     with Store(tmp_path / "db", durability="buffered") as store:
-        rep, cluster, _, released = make(store)
-        seen: list[bytes | None] = []
-
-        def send(frames: list[bytes]) -> None:
-            seen.append(store.get("repl", b"Tally/a"))  # the log as the reply leaves
-            released.append(frames)
-
-        rep._send = send
+        rep, cluster, clock, released = make(store)
         log(store, "Tally/a", delta_entry(b"s1", DELTA))
         rep.hold(reply(1))
+        clock.now += 0.01
         rep.tick()
         answer(rep, [c for _, c, _, _ in sent(cluster)])
-        assert released == [reply(1)] and seen == [None]
+        assert released == [reply(1)]  # the replicas hold it: the reply leaves
+        rep._next_flush = clock.now + 1.0  # the next flush is a while off
+        clock.now += 0.01
+        rep.tick()
+        assert sent(cluster) == [] and rep.status()["pending"] == 0  # not read again
+        assert len(list(store.iter_items("repl"))) == 1  # still there: not flushed yet
+        clock.now += 1.0
+        rep.tick()
+        assert list(store.iter_items("repl")) == []
 
 
 # --- end to end: owner host -> Replicator -> replica host -------------------------------
