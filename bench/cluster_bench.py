@@ -243,7 +243,11 @@ def agent_tells(a: Node, b: Node, tells: int) -> dict[str, Any]:
             _wait(done, 120, f"every {name} tell to run")
             dt = time.perf_counter() - t0
             total = sum(c.ask_many([(k, "get", {}) for k in targets], timeout=60))
-            result[name] = {"rate": (want - before) / dt, "exact": total == want}
+            result[name] = {
+                "rate": (want - before) / dt,
+                "exact": total == want,
+                "extra": total - want,
+            }
     result["ratio"] = result["cross"]["rate"] / result["local"]["rate"]
     result["exact"] = result["local"]["exact"] and result["cross"]["exact"]
     return result

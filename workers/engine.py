@@ -37,6 +37,7 @@ One loop iteration, as the worker drives it::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import time
@@ -99,6 +100,7 @@ _CAUSAL_PREFIX = b"causal/"
 SUBS_VERSION = b"subs-version"
 _SUBS_VERSION = SUBS_VERSION
 _MAX_QUEUED_KEYS = 1_000_000
+_MAX_RAN_KEYS = 200_000
 #: The destination "another node": sent to the node's control process, which routes
 #: it to the owning node like a client's request.
 OTHER_NODE = -1
@@ -263,6 +265,8 @@ class Engine:
         # instead of running twice. Keyed like the dedup log: (source, corr).
         self._queued: set[tuple[str, int]] = set()
         self._local_queued: set[int] = set()  # the same for this worker's own outbox ids
+        self._ran: dict[tuple[str, int], None] = {}  # see _remember_ran, oldest first
+        self._ran_now: list[tuple[str, int]] = []  # ran in this iteration, not committed
         self._next_corr = 0
         self.stats: dict[str, int] = defaultdict(int)
         for counter in ("refused", "duplicates", "redirected", "published", "fanout",
@@ -456,6 +460,15 @@ class Engine:
         if source is not None and self._queued:
             self._queued.discard((source, msg.corr))
         dedup = msg.delivery == EXACTLY_ONCE and isinstance(source, str)
+        key = None
+        if msg.delivery == AT_LEAST_ONCE and msg.kind == TELL and isinstance(source, str):
+            key = (source, msg.corr)
+            if key in self._ran:
+                # A re-send of a tell that ran and was committed here (its sender's
+                # timer fired before the ack came): acknowledged, not run again.
+                self.stats["resends_dropped"] += 1
+                self._answer(msg, OK, b"\xc0")
+                return
         if dedup:
             hit = self.dedup.lookup(source, msg.corr)  # type: ignore[arg-type]
             if hit is not None:
@@ -473,6 +486,8 @@ class Engine:
             body = b"\xc0"
         if dedup and status not in RETRYABLE:
             self.dedup.record(source, msg.corr, status, body)  # type: ignore[arg-type]
+        if key is not None and status == OK and "phoenixreplyto" not in msg.attrs:
+            self._ran_now.append(key)
         reply_to = msg.attrs.get("phoenixreplyto")
         if reply_to is not None and status not in RETRYABLE:
             self._reply_by_message(msg, reply_to, status, body)
@@ -801,7 +816,9 @@ class Engine:
         """Commit everything of this iteration in one transaction; on failure the
         replies become STORE_FAILED and nothing is acked."""
         ok = self.host.commit(extra=self._stage)
+        ran, self._ran_now = self._ran_now, []
         if ok:
+            self._remember_ran(ran)
             self.outbox.committed()
             self.dedup.committed()
             self.spill.committed()
@@ -832,6 +849,18 @@ class Engine:
         self._sub_writes.clear()
         self._causal_dirty.clear()
         return ok
+
+    def _remember_ran(self, keys: list[tuple[str, int]]) -> None:
+        """At-least-once tells from other processes that ran and are committed: a
+        re-send of one is acknowledged without running again (bounded, oldest
+        forgotten: a re-send older than that runs again, as at-least-once allows)."""
+        ran = self._ran
+        for key in keys:
+            ran[key] = None
+        excess = len(ran) - _MAX_RAN_KEYS
+        if excess > 0:
+            for key in list(itertools.islice(ran, excess)):
+                del ran[key]
 
     def flush(self) -> Output:
         out = Output(
