@@ -28,7 +28,8 @@ the final count against the acknowledged asks (none lost, none counted twice);
 the first send until every tell ran (read back), and the cross/local ratio;
 **state_shipping** bytes shipped to the replica per write of a large agent (a map
 of ``--keys`` keys of 20-byte values, one key changed per write, ``--writes``
-writes, one at a time) with deltas (nodes A and B) and, in the same run, with
+writes, one at a time, then 10 times as many with 100 in flight) with deltas (nodes
+A and B) and, in the same run, with
 whole states (two more nodes started with ``replication_deltas=False``): the
 owner's ``bytes_shipped`` per write and the ratio of the two.
 
@@ -263,18 +264,28 @@ def _settled(nodes: list[Node]) -> bool:
     return all((r := _replication(n))["pending"] == 0 and r["in_flight"] == 0 for n in nodes)
 
 
-def shipping(nodes: list[Node], keys: int, writes: int) -> dict[str, Any]:
-    """Bytes the owner of a ``keys``-key map ships per one-key write, writes one at a time."""
+def shipping(nodes: list[Node], keys: int, writes: int, pipelined: bool = False) -> dict[str, Any]:
+    """Bytes the owner of a ``keys``-key map ships per one-key write, writes one at a time
+    (``pipelined``: 100 in flight, so that several commits wait for each shipment)."""
     ring = Ring(dict.fromkeys((n.endpoint for n in nodes), 1.0))
-    agent = f"Catalog/bench{keys}"
+    agent = f"Catalog/bench{keys}{'p' if pipelined else ''}"
     owner = next(n for n in nodes if n.endpoint == ring.owner(agent))
     with nodes[0].client(timeout=60) as client:
         client.ask(agent, "fill", n=keys)
         _wait(lambda: _settled(nodes), 60, "the filled map to reach the replica")
         before = _replication(owner)
         t0 = time.perf_counter()
-        for i in range(writes):
-            client.ask(agent, "put", key=f"k{i * 7919 % keys}", value=f"w{i}")
+        puts = [
+            (agent, "put", {"key": f"k{i * 7919 % keys}", "value": f"w{i}"}) for i in range(writes)
+        ]
+        if pipelined:
+            for i in range(0, writes, 100):
+                failed = [r for r in client.ask_many(puts[i : i + 100]) if r is not None]
+                if failed:
+                    raise RuntimeError(f"a put failed: {failed[0]}")
+        else:
+            for a, action, kwargs in puts:
+                client.ask(a, action, **kwargs)
         seconds = time.perf_counter() - t0
         _wait(lambda: _settled(nodes), 60, "the writes to reach the replica")
         size = client.ask(agent, "size")
@@ -293,6 +304,7 @@ def shipping(nodes: list[Node], keys: int, writes: int) -> dict[str, Any]:
 def state_shipping(tmp: str, a: Node, b: Node, keys: int, writes: int) -> dict[str, Any]:
     """:func:`shipping` on A and B (deltas), then on two nodes shipping whole states."""
     deltas = shipping([a, b], keys, writes)
+    pipelined = shipping([a, b], keys, writes * 10, pipelined=True)
     wa = _node(tmp, "whole_a", replication_deltas=False)
     wb = _node(tmp, "whole_b", seeds=[wa.endpoint], replication_deltas=False)
     try:
@@ -303,8 +315,10 @@ def state_shipping(tmp: str, a: Node, b: Node, keys: int, writes: int) -> dict[s
         wb.stop(timeout=10)
     return {
         "deltas": deltas,
+        "pipelined": pipelined,
         "whole": whole,
         "ratio": deltas["bytes_per_write"] / whole["bytes_per_write"],
+        "pipelined_ratio": pipelined["bytes_per_write"] / whole["bytes_per_write"],
     }
 
 
@@ -388,7 +402,7 @@ def run_bench(
             "consistent_via_other_node": consistent,
             "replicated": replication["acked"] > 0 and replication["hold_timeouts"] == 0,
             "migration_exact": migrate["exact"],
-            "deltas_smaller": ship["ratio"] < 0.5,
+            "deltas_smaller": ship["ratio"] < 0.5 and ship["pipelined_ratio"] < 0.5,
             "agent_tells_exact": fan["exact"],
         },
         "ok": wrong == 0
@@ -397,6 +411,7 @@ def run_bench(
         and replication["acked"] > 0
         and migrate["exact"]
         and ship["ratio"] < 0.5
+        and ship["pipelined_ratio"] < 0.5
         and fan["exact"],
     }
 
@@ -432,7 +447,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"bytes shipped per write, {s['deltas']['keys']:,}-key map, one key per write: "
         f"{s['deltas']['bytes_per_write']:,.0f} with deltas "
         f"({s['deltas']['deltas']} deltas, {s['deltas']['whole_states']} whole), "
-        f"{s['whole']['bytes_per_write']:,.0f} with whole states: ratio {s['ratio']:.4f}",
+        f"{s['whole']['bytes_per_write']:,.0f} with whole states: ratio {s['ratio']:.4f}; "
+        f"100 writes in flight: {s['pipelined']['bytes_per_write']:,.0f} "
+        f"({s['pipelined']['deltas']:,} deltas, {s['pipelined']['whole_states']:,} whole): "
+        f"ratio {s['pipelined_ratio']:.4f}",
         f"agent-to-agent tells (at least once), {t['tells']:,} each way: "
         f"{t['local']['rate']:,.0f}/s to agents of the same node, "
         f"{t['cross']['rate']:,.0f}/s to the other node's: ratio {t['ratio']:.3f}",

@@ -45,6 +45,7 @@ def test_cluster_bench_runs_every_scenario_and_every_check_passes(
     assert shipping["deltas"]["keys"] == shipping["whole"]["keys"] == 1000
     assert shipping["deltas"]["deltas"] >= 19 and shipping["whole"]["deltas"] == 0
     assert 0 < shipping["ratio"] < 0.5
+    assert shipping["pipelined"]["writes"] == 200 and 0 < shipping["pipelined_ratio"] < 0.5
     tells = report["agent_tells"]
     assert tells["tells"] == 200 and tells["exact"]
     assert tells["local"]["rate"] > 0 and tells["cross"]["rate"] > 0
