@@ -544,18 +544,6 @@ class Store:
         with self._begin_read() as txn:
             return txn.get(key, db=handle)
 
-    def get_many(self, db: str, keys: Iterable[bytes]) -> dict[bytes, bytes]:
-        """The values of those of ``keys`` present in the named db, read in one txn."""
-        handle = self._handle(db)
-        checked = [_check_key(key) for key in keys]
-        found: dict[bytes, bytes] = {}
-        with self._begin_read() as txn:
-            for key in checked:
-                value = txn.get(key, db=handle)
-                if value is not None:
-                    found[key] = value
-        return found
-
     def load_state(self, agent_id: str) -> bytes | None:
         """The state bytes saved for ``agent_id``, or None."""
         key = _agent_key(agent_id)

@@ -630,14 +630,23 @@ def test_delete_if_deletes_only_keys_still_holding_the_value_read(store: Store) 
 
 
 @pytest.mark.timeout(30)
-def test_get_many_reads_the_present_keys_of_one_db(store: Store) -> None:
+def test_update_prefix_reads_and_writes_one_prefix_in_one_transaction(store: Store) -> None:
     with store.batch() as b:
-        b.put("repl", b"a", b"1")
-        b.put("repl", b"b", b"2")
-        b.put("meta", b"c", b"3")
-    assert store.get_many("repl", [b"a", b"c", b"b"]) == {b"a": b"1", b"b": b"2"}
-    assert store.get_many("repl", []) == {}
+        b.put("registry", b"sub/a", b"1")
+        b.put("registry", b"sub/b", b"2")
+        b.put("registry", b"other", b"3")
+    seen: list[dict[bytes, bytes]] = []
+
+    def change(items: dict[bytes, bytes]) -> dict[bytes, bytes | None]:
+        seen.append(dict(items))
+        return {b"sub/a": None, b"sub/c": b"4", b"version": b"v2"}
+
+    writes = store.update_prefix("registry", b"sub/", change)
+    assert seen == [{b"sub/a": b"1", b"sub/b": b"2"}]  # the prefix only
+    assert writes == {b"sub/a": None, b"sub/c": b"4", b"version": b"v2"}
+    assert dict(store.iter_items("registry", b"sub/")) == {b"sub/b": b"2", b"sub/c": b"4"}
+    assert store.get("registry", b"version") == b"v2" and store.get("registry", b"other") == b"3"
     with pytest.raises(InvalidValueError):
-        store.get_many("repl", [b""])
+        store.update_prefix("registry", b"x" * 600, change)
     with pytest.raises(InvalidValueError):
-        store.get_many("nope", [b"a"])
+        store.update_prefix("nope", b"sub/", change)
