@@ -33,10 +33,14 @@ def make_router(
     max_message: int = DEFAULT_MAX_MESSAGE,
     hwm: int = DEFAULT_HWM,
 ) -> zmq.Socket[bytes]:
-    """A ROUTER with ROUTER_MANDATORY, LINGER, MAXMSGSIZE and HWMs set."""
+    """A ROUTER with ROUTER_MANDATORY, ROUTER_HANDOVER, LINGER, MAXMSGSIZE and HWMs set."""
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, linger_ms, max_message, hwm)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # A peer whose DEALER reconnects (or is re-created) with the same routing id before
+    # this side has dropped its old connection takes the id over; without this, the
+    # ROUTER refuses the new connection and everything sent on it vanishes.
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     return sock

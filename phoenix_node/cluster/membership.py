@@ -48,8 +48,9 @@ Protocol
   other again (``down`` records are kept for ``tombstone_ttl``, after which only
   the seeds are tried).
 - **Joining.** With seeds, a node starts ``joining`` and sends ``join`` to every
-  seed, again after ``join_retry`` seconds, doubling up to ``join_retry_max``.
-  A seed answers with a sync-reply; the first full list makes the joiner ``up``.
+  seed (and to one live member it has heard of by gossip, if any), again after
+  ``join_retry`` seconds, doubling up to ``join_retry_max``. A seed answers
+  with a sync-reply; the first full list makes the joiner ``up``.
   After ``join_timeout`` with no answer it becomes ``up`` alone (and keeps
   trying the seeds through reconnect, merging when they answer). Without seeds
   it is ``up`` at once. A seed answers joins in any state of its own, so nodes
@@ -605,7 +606,15 @@ class Membership:
             return
         if now < self._next_join:
             return
-        out.extend(self._send(seed, "join") for seed in self._seeds)
+        targets = list(self._seeds)
+        # Also one live member heard of meanwhile (gossip names them before any seed
+        # answers): its answer is as good as a seed's, and a seed whose channel to this
+        # node does not work yet does not keep it joining until join_timeout.
+        others = sorted(a for a, e in self._table.items() if e.state in _HELPERS)
+        others = [a for a in others if a not in targets]
+        if others:
+            targets.append(self._rng.choice(others))
+        out.extend(self._send(target, "join") for target in targets)
         self._next_join = now + self._join_delay
         self._join_delay = min(self._join_delay * 2, self._config.join_retry_max)
 

@@ -51,6 +51,7 @@ class SimNetwork:
         self.nodes: dict[str, Membership] = {}
         self.crashed: set[str] = set()
         self.groups: list[frozenset[str]] = []
+        self.one_way: set[tuple[str, str]] = set()  # (src, dst) links that drop everything
         self.sent = 0
         self.dropped = 0
         self._links: dict[tuple[str, str], float] = {}
@@ -82,6 +83,8 @@ class SimNetwork:
 
     def blocked(self, src: str, dst: str) -> bool:
         if src in self.crashed or dst in self.crashed or dst not in self.nodes:
+            return True
+        if (src, dst) in self.one_way:
             return True
         return any((src in g) != (dst in g) for g in self.groups)
 

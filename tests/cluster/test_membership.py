@@ -232,6 +232,21 @@ def test_join_retries_with_backoff_then_starts_alone() -> None:
     assert (ADDR[1], "sync") in kinds
 
 
+def test_a_joiner_whose_seed_cannot_answer_joins_through_a_member_it_heard_of() -> None:
+    """The seed gets the joins but its answers are lost (a broken channel one way): the
+    joiner also asks a live member that gossip named, and is up long before join_timeout."""
+    net = SimNetwork(4)
+    for address in ADDR[:3]:
+        net.add(address, seeds=[ADDR[0]])
+    assert net.run(5.0, lambda: net.all_see(ADDR[:3], "up", ADDR[:3]))
+    net.one_way.add((ADDR[0], ADDR[3]))
+    joiner = net.add(ADDR[3], seeds=[ADDR[0]])
+    start = net.now
+    assert net.run(20.0, lambda: joiner.state is MemberState.UP)
+    assert net.now - start < 10.0 < net.config.join_timeout
+    assert net.run(10.0, lambda: net.all_see(ADDR[1:4], "up", ADDR[:4]))
+
+
 def test_nodes_that_name_each_other_as_seeds_all_join() -> None:
     net = SimNetwork(3)
     for address in ADDR[:4]:
