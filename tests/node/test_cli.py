@@ -210,7 +210,8 @@ def test_tells_sent_just_before_close_are_delivered(node: Node) -> None:
             latest = len(c.ask(agent, "keys"))
             if latest != count:
                 count, changed = latest, now
-            elif now - changed > 2.0:  # nothing more is coming
+            elif now - changed > 10.0:  # nothing more is coming (each commit rewrites
+                # the whole map, up to 40 MiB: slow on a loaded 2-core machine)
                 raise AssertionError(f"only {count} of 40 tells arrived")
             time.sleep(0.1)
         assert c.status()["workers"][owner_index(agent, 2)]["pid"] == worker
