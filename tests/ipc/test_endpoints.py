@@ -4,7 +4,6 @@ real ZeroMQ sockets over inproc, ipc (abstract namespace) and tcp on 127.0.0.1."
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -132,15 +131,6 @@ def test_local_ipc_endpoints_are_abstract_valid_and_distinct() -> None:
 
 
 # --- real sockets --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        yield context
-    finally:
-        context.destroy(linger=0)
 
 
 def test_factory_sets_safe_options(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:

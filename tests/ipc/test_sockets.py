@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import zmq
 
 from ipc import make_dealer, make_router
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        yield context
-    finally:
-        context.term()
 
 
 def _recv(sock: zmq.Socket[bytes], timeout_ms: int = 3000) -> list[bytes]:
