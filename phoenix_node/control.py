@@ -166,12 +166,11 @@ class _Control:
         self.registry = self.cluster.registry
         self.view: ViewPublisher | None = None
         self.subs: SubscriptionSync | None = None
-        if self.store is not None:
-            self.view = ViewPublisher(self.store, self.cluster.me.address)
-            self.subs = SubscriptionSync(self.store, self.registry)
         self.replicator: Replicator | None = None
         self.handoff: Handoff | None = None
         if self.store is not None:
+            self.view = ViewPublisher(self.store, self.cluster.me.address)
+            self.subs = SubscriptionSync(self.store, self.registry)
             self.replicator = Replicator(
                 self.store, self.cluster, replicas=spec.replicas,
                 anti_entropy_interval=spec.anti_entropy_interval,

@@ -700,9 +700,7 @@ class Engine:
                     attrs = {"source": self.source}
                     self._stage_outbox(sub.agent, sub.action, sub.delivery, attrs, kwargs)
             else:
-                self._events[sub.route].append(
-                    (sub.sub_id, pack([topic, source or "", str(msg.corr), msg.data]))
-                )
+                self._to_client(sub, topic, source, msg)
         self.stats["published"] += 1
         self.stats["fanout"] += delivered
         if self.elsewhere is not None:
@@ -724,13 +722,16 @@ class Engine:
         for _, sub in self.topics.match(topic):
             if isinstance(sub, _ClientSub):
                 delivered += 1
-                self._events[sub.route].append(
-                    (sub.sub_id, pack([topic, source or "", str(msg.corr), msg.data]))
-                )
+                self._to_client(sub, topic, source, msg)
         self.stats["relayed_in"] += 1
         self.stats["fanout"] += delivered
         if msg.route is not None:
             self._credits[msg.route] += 1
+
+    def _to_client(self, sub: _ClientSub, topic: str, source: Any, msg: Msg) -> None:
+        """An EVENT for a client's subscription (sent with the iteration's output)."""
+        event = pack([topic, source or "", str(msg.corr), msg.data])
+        self._events[sub.route].append((sub.sub_id, event))
 
     def subscribe_client(self, route: Route, pattern: str, sub_id: int) -> None:
         key = (route, pattern)
